@@ -1,0 +1,10 @@
+"""mimfast.kernels: Triton kernels, their launchers and ``torch.library`` ops (namespace ``mimfast::``).
+
+Depends on torch and triton only. Each op lives in one file with four parts: ``@triton.jit`` kernels, a validating
+launcher, the op binding whose CPU kernel is the plain-PyTorch reference, and ``<op>_ref``.
+"""
+
+from ._common import HAS_TRITON, interpret_mode, use_triton
+from .vq_search import vq_search, vq_search_ref
+
+__all__ = ["HAS_TRITON", "interpret_mode", "use_triton", "vq_search", "vq_search_ref"]
