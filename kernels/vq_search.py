@@ -50,7 +50,7 @@ if HAS_TRITON:
 METRICS = ("l2", "cosine")
 INDEX_DTYPES = (torch.int64, torch.int32)
 DEFAULT_EPS = 1e-12  # F.normalize's eps
-_REF_CHUNK_BYTES = 64 << 20  # the reference's distance block (rows x K fp32) never exceeds this
+_REF_CHUNK_BYTES = 8 << 20  # the reference's score block (rows x K) never exceeds this (cache-sized)
 
 
 # =================================================================================================== 1. kernels
@@ -321,18 +321,16 @@ def _vq_search_ref_impl(x, codebook, valid, cosine, int32_index, with_counts, ep
         xinv = 1.0 / xsq.sqrt().clamp_min(eps)
         einv = 1.0 / esq.sqrt().clamp_min(eps)
         xn, en = xsq * xinv * xinv, esq * einv * einv
-        ef = ef * einv[:, None]
-        dot_scale = -2.0 * xinv
+        xf, ef = xf * xinv[:, None], ef * einv[:, None]
     else:
         xn, en = xsq, esq
-        dot_scale = torch.full_like(xsq, -2.0)
     n, k = x.shape[0], codebook.shape[0]
     best = torch.empty(n, dtype=ct, device=x.device)
     best_idx = torch.empty(n, dtype=torch.int64, device=x.device)
     rows = max(1, _REF_CHUNK_BYTES // (k * 4))
     for r0 in range(0, n, rows):
-        s = en[None, :] + dot_scale[r0 : r0 + rows, None] * (xf[r0 : r0 + rows] @ ef.T)
-        s = torch.where(torch.isfinite(s), s, torch.full_like(s, float("inf")))
+        s = torch.addmm(en[None, :], xf[r0 : r0 + rows], ef.T, alpha=-2.0)  # s = ||e||^2 - 2 x.e
+        s.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("inf"))  # non-finite codes never win
         best[r0 : r0 + rows], best_idx[r0 : r0 + rows] = s.min(dim=1)  # min/argmin: lowest index on ties
     finite = torch.isfinite(xsq) & torch.isfinite(best)
     dist = torch.where(finite, (xn + best).clamp_min(0), torch.full_like(best, float("nan")))

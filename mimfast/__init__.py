@@ -12,5 +12,12 @@ from .ops import QuantizeInfo, quantize, quantize_with_info, usage_stats, vq_sea
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantizeInfo", "VectorQuantizer", "__version__", "quantize", "quantize_with_info", "usage_stats",
-           "vq_search"]
+__all__ = [
+    "QuantizeInfo",
+    "VectorQuantizer",
+    "__version__",
+    "quantize",
+    "quantize_with_info",
+    "usage_stats",
+    "vq_search",
+]

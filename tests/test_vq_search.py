@@ -1,0 +1,271 @@
+"""mimfast::vq_search — the fused Triton kernel against its float64 reference (interpreter on CPU, GPU unchanged)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mimfast
+from conftest import AWKWARD, DEVICE, KERNEL_DTYPES, awkward_sweep, shape_id
+from mimfast.kernels import use_triton, vq_search, vq_search_ref
+
+SWEEP = awkward_sweep(AWKWARD, budget=2.0e6)
+BIG = [(1025, 1000, 257), (97, 8193, 257), (1025, 8193, 3)]  # mixed large cases, one dtype/metric each
+
+
+def scores64(x: torch.Tensor, e: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float64 scores ||e||^2 - 2 x.e (on normalised vectors for cosine) and (N,) ||x||^2, from the spec."""
+    xd, ed = x.double(), e.double()
+    if metric == "cosine":
+        xd = xd / xd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        ed = ed / ed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (ed * ed).sum(-1)[None, :] - 2 * xd @ ed.T, (xd * xd).sum(-1)
+
+
+def torch_fp32_error(x, e, metric, s64) -> torch.Tensor:
+    """Per-row max |error| of the same scores computed by eager PyTorch in fp32: the yardstick for our error."""
+    xf, ef = x.float(), e.float()
+    if metric == "cosine":
+        xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        ef = ef / ef.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    s32 = (ef * ef).sum(-1)[None, :] - 2 * xf @ ef.T
+    return (s32.double() - s64).abs().amax(dim=1)
+
+
+def assert_matches_reference(x, e, metric, idx, dist, counts=None):
+    s64, xsq = scores64(x, e, metric)
+    best, best_idx = s64.min(dim=1)
+    # allowed error: 2x eager fp32's error plus a rounding floor relative to the magnitudes involved
+    scale = xsq + (s64 + 2 * (x.double() @ e.double().T).abs()).abs().amax(dim=1)
+    allowed = 2 * torch_fp32_error(x, e, metric, s64) + 1e-6 * scale + 1e-12
+    idx = idx.long().cpu()
+    assert (idx >= 0).all() and (idx < e.shape[0]).all(), "index out of range"
+    top2 = s64.topk(min(2, s64.shape[1]), dim=1, largest=False).values
+    margin = top2[:, 1] - top2[:, 0] if s64.shape[1] > 1 else torch.full_like(best, float("inf"))
+    clear = margin > 2 * allowed
+    assert torch.equal(idx[clear], best_idx[clear]), f"{(idx[clear] != best_idx[clear]).sum()} clear-margin rows differ"
+    chosen = s64.gather(1, idx[:, None])[:, 0]
+    assert ((chosen - best) <= 2 * allowed).all(), "a near-tie row chose a code farther than the tolerance allows"
+    d64 = (xsq + best).clamp_min(0)
+    if metric == "cosine":
+        d64 = (xsq + best).clamp_min(0)
+    err = (dist.double().cpu() - d64).abs()
+    assert (err <= allowed + 1e-6 * d64).all(), f"distance error {err.max():.3e} > allowed {allowed.max():.3e}"
+    if counts is not None:
+        assert torch.equal(counts.long().cpu(), torch.bincount(idx, minlength=e.shape[0]))
+
+
+def make(n, k, d, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, d, generator=g) * scale).to(dtype).to(DEVICE)
+    e = (torch.randn(k, d, generator=g) * scale).to(dtype).to(DEVICE)
+    return x, e
+
+
+# ------------------------------------------------------------------------------------------------ correctness
+def test_kernel_path_is_exercised():
+    x, e = make(4, 3, 2, torch.float32)
+    assert use_triton(x, e), "tests must run the Triton kernel (TRITON_INTERPRET=1 on CPU)"
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SWEEP, ids=shape_id)
+def test_sweep_matches_fp64(shape, dtype, metric):
+    n, k, d = shape
+    x, e = make(n, k, d, dtype, seed=n * 7 + k * 3 + d)
+    idx, dist, counts = vq_search(x, e, metric=metric, return_counts=True)
+    assert idx.shape == (n,) and idx.dtype == torch.int64 and dist.dtype == torch.float32
+    assert counts.shape == (k,) and counts.dtype == torch.int32
+    assert_matches_reference(x, e, metric, idx, dist, counts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,dtype,metric", [(BIG[0], torch.float32, "l2"), (BIG[1], torch.bfloat16, "cosine"),
+                                                (BIG[2], torch.float16, "l2")], ids=str)  # fmt: skip
+def test_large_mixed_shapes(shape, dtype, metric):
+    x, e = make(*shape, dtype, seed=1)
+    idx, dist, counts = vq_search(x, e, metric=metric, return_counts=True)
+    assert_matches_reference(x, e, metric, idx, dist, counts)
+
+
+def test_reference_is_the_spec():
+    """vq_search_ref in float64 equals the formula of SPEC.md computed directly (full argmin over d)."""
+    x, e = make(97, 40, 7, torch.float64)
+    idx, dist, _ = vq_search_ref(x, e)
+    d = (x * x).sum(-1)[:, None] + (e * e).sum(-1)[None, :] - 2 * x @ e.T
+    assert torch.equal(idx.cpu(), d.argmin(dim=1).cpu())
+    torch.testing.assert_close(dist.double(), d.min(dim=1).values.clamp_min(0).float().double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_exact_ties_take_lowest_index(dtype):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(200, 16, generator=g)
+    e = base.clone()
+    # duplicates inside one K tile (3, 4) and across tiles (5 / 130 / 199): the lowest index must win
+    e[4] = e[3]
+    e[130] = e[5]
+    e[199] = e[5]
+    e = e.to(dtype).to(DEVICE)
+    x = torch.cat([e[[4, 3, 130, 199, 5]].float().cpu(), base[[130]] * 0.999]).to(dtype).to(DEVICE)
+    idx, _, _ = vq_search(x, e)
+    assert idx[:5].tolist() == [3, 3, 5, 5, 5]
+    # an exact tie between different codes: x = 0 is equidistant from +v and -v
+    e2 = torch.stack([torch.ones(8), -torch.ones(8), torch.ones(8) * 3]).to(dtype).to(DEVICE)
+    idx2, dist2, _ = vq_search(torch.zeros(2, 8, dtype=dtype, device=DEVICE), e2)
+    assert idx2.tolist() == [0, 0] and dist2.tolist() == [8.0, 8.0]
+    # torch.argmin's rule on the same scores
+    assert torch.argmin(torch.tensor([8.0, 8.0, 72.0])).item() == 0
+
+
+def test_fp16_large_magnitude_does_not_overflow():
+    """fp16 inputs near the fp16 max: ||x||^2 ~ 1e11 overflows fp16 but not the fp32 accumulators."""
+    g = torch.Generator().manual_seed(5)
+    e = (torch.rand(300, 64, generator=g) * 2 - 1) * 60000
+    x = e[torch.randint(0, 300, (97,), generator=g)] * 0.9
+    x16, e16 = x.half().to(DEVICE), e.half().to(DEVICE)
+    assert torch.isinf((x16 * x16).sum(-1)).all(), "the test must use norms that overflow fp16"
+    idx, dist, _ = vq_search(x16, e16)
+    assert torch.isfinite(dist).all()
+    assert_matches_reference(x16, e16, "l2", idx, dist)
+
+
+def test_int32_indices_and_counts():
+    x, e = make(97, 1000, 40, torch.float32)
+    i64, d64, c64 = vq_search(x, e, return_counts=True)
+    i32, d32, c32 = vq_search(x, e, index_dtype=torch.int32, return_counts=True)
+    assert i32.dtype == torch.int32 and torch.equal(i32.long(), i64) and torch.equal(d32, d64)
+    assert torch.equal(c32, c64) and int(c64.sum()) == 97
+
+
+def test_valid_mask_rows_skipped():
+    x, e = make(97, 50, 8, torch.float32)
+    valid = torch.arange(97, device=DEVICE) % 3 != 0
+    idx, dist, counts = vq_search(x, e, valid=valid, return_counts=True)
+    full, fdist, _ = vq_search(x, e)
+    assert (idx[~valid] == -1).all() and (dist[~valid] == 0).all()
+    assert torch.equal(idx[valid], full[valid]) and torch.equal(dist[valid], fdist[valid])
+    assert torch.equal(counts.long(), torch.bincount(full[valid], minlength=50))
+
+
+def test_strided_and_mixed_dtype_inputs():
+    x, e = make(64, 33, 20, torch.float32)
+    xt = torch.randn(20, 64, device=DEVICE).T  # non-contiguous (64, 20)
+    et = e.T.contiguous().T  # column-major codebook
+    for xi in (x, xt, x[::2]):
+        idx, dist, _ = vq_search(xi, et)
+        ref_i, ref_d, _ = vq_search(xi.contiguous(), e)
+        assert torch.equal(idx, ref_i) and torch.equal(dist, ref_d)
+    xb = x.bfloat16()
+    idx, dist, _ = vq_search(xb, e)  # bf16 activations, fp32 codebook (autocast)
+    assert_matches_reference(xb, e, "l2", idx, dist)
+
+
+def test_deterministic_repeat():
+    x, e = make(300, 500, 24, torch.bfloat16)
+    a = vq_search(x, e, return_counts=True)
+    b = vq_search(x, e, return_counts=True)
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v)
+
+
+def test_empty_rows():
+    x, e = make(0, 5, 3, torch.float32)
+    idx, dist, counts = vq_search(x, e, return_counts=True)
+    assert idx.shape == (0,) and dist.shape == (0,) and counts.tolist() == [0] * 5
+
+
+# ----------------------------------------------------------------------------------------------- non-finite
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_non_finite_rows_and_codes():
+    x, e = make(10, 6, 4, torch.float32)
+    x[2, 1] = float("nan")
+    x[5, 0] = float("inf")
+    e[1, 0] = float("nan")  # a poisoned code is never chosen
+    e[3, 2] = float("-inf")
+    idx, dist, counts = vq_search(x, e, return_counts=True)
+    assert idx[2] == -1 and idx[5] == -1 and torch.isnan(dist[[2, 5]]).all()
+    ok = torch.tensor([i not in (2, 5) for i in range(10)], device=DEVICE)
+    assert not ((idx[ok] == 1) | (idx[ok] == 3)).any() and torch.isfinite(dist[ok]).all()
+    clean = torch.stack([e[0], e[2], e[4], e[5]])
+    ci, cd, _ = vq_search(x[ok], clean)
+    assert torch.equal(idx[ok], torch.tensor([0, 2, 4, 5], device=DEVICE)[ci]) and torch.equal(dist[ok], cd)
+    assert int(counts.sum()) == 8
+    with pytest.raises(ValueError, match=r"x contains NaN/inf.*nan_policy='mask'"):
+        mimfast.vq_search(x, e)
+    mi, _, _ = mimfast.vq_search(x, e, nan_policy="mask")
+    assert torch.equal(mi, idx)
+
+
+def test_all_codes_non_finite_raises():
+    x, e = make(4, 3, 2, torch.float32)
+    e[:, 0] = float("nan")
+    with pytest.raises(ValueError, match="codebook contains NaN/inf"):
+        mimfast.vq_search(x, e)
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(
+    "args,kwargs,exc,msg",
+    [
+        ((torch.randn(4), torch.randn(3, 4)), {}, ValueError, r"x: expected a 2-D tensor"),
+        ((torch.randn(4, 2, 2), torch.randn(3, 4)), {}, ValueError, r"x: expected a 2-D tensor"),
+        ((torch.randn(4, 4), torch.randn(3, 5)), {}, ValueError, r"codebook: expected shape \(K, 4\)"),
+        ((torch.randn(4, 4), torch.randn(12)), {}, ValueError, r"codebook: expected a 2-D tensor"),
+        ((torch.randint(0, 5, (4, 4)), torch.randn(3, 4)), {}, TypeError, r"x: expected dtype in"),
+        ((torch.randn(4, 4), torch.randn(3, 4).int()), {}, TypeError, r"codebook: expected dtype in"),
+        ((torch.randn(4, 4), torch.randn(0, 4)), {}, ValueError, r"codebook: expected at least one code"),
+        ((torch.randn(4, 0), torch.randn(3, 0)), {}, ValueError, r"x: expected a feature dimension D >= 1"),
+        ((torch.randn(4, 4), torch.randn(3, 4)), {"metric": "dot"}, ValueError, r"metric: expected one of"),
+        ((torch.randn(4, 4), torch.randn(3, 4)), {"index_dtype": torch.int16}, ValueError, r"index_dtype"),
+        ((torch.randn(4, 4), torch.randn(3, 4)), {"valid": torch.ones(4)}, TypeError, r"valid: expected dtype"),
+        ((torch.randn(4, 4), torch.randn(3, 4)), {"valid": torch.ones(5, dtype=torch.bool)}, ValueError, "valid"),
+        (([[1.0]], torch.randn(3, 1)), {}, TypeError, r"x: expected a torch.Tensor"),
+        ((torch.randn(4, 4), torch.randn(3, 4)), {"nan_policy": "zero"}, ValueError, r"nan_policy"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(args, kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        mimfast.vq_search(*args, **kwargs)
+
+
+def test_mixed_devices_error():
+    x = torch.randn(4, 4)
+    e = torch.randn(3, 4, device="meta")
+    with pytest.raises(ValueError, match=r"one device.*x on cpu.*codebook on meta"):
+        vq_search(x, e)
+
+
+# ------------------------------------------------------------------------------------------ torch.library op
+def test_opcheck():
+    x, e = make(37, 19, 5, torch.float32)
+    valid = torch.rand(37, device=DEVICE) > 0.3
+    for args in [(x, e, None, False, False, True, 1e-12), (x, e, valid, True, True, False, 1e-12)]:
+        torch.library.opcheck(torch.ops.mimfast.vq_search.default, args)
+
+
+def test_torch_compile_fullgraph():
+    x, e = make(50, 20, 8, torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, e):
+        idx, dist, _ = vq_search(x, e)
+        return idx, dist * 2
+
+    idx, dist2 = f(x, e)
+    ref_i, ref_d, _ = vq_search(x, e)
+    assert torch.equal(idx, ref_i) and torch.equal(dist2, ref_d * 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak-memory check needs CUDA (CPU has no allocator stats)")
+def test_no_nxk_allocation_on_gpu():
+    n, k, d = 16384, 8192, 64
+    x, e = make(n, k, d, torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    vq_search(x, e, return_counts=True)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 64 * (n + k) + (1 << 20), f"extra memory {extra} B is not O(N + K) (N x K fp32 = {n * k * 4} B)"
