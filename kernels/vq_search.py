@@ -15,7 +15,8 @@ Exact rules (shared by the kernel and the reference, which is the spec):
   exact in real arithmetic and saves N x K adds); ties go to the lowest k, as ``torch.argmin``. The returned
   distance is ``max(||x||^2 + s_best, 0)``.
 * Codes whose score is not finite (NaN / inf in the code, or overflow) are never chosen.
-* A row whose x is not finite, or that has no finite score, gets index -1 and distance NaN.
+* A row whose x is not finite, or that has no finite score, gets index -1 and distance NaN. For "l2", squared
+  norms >= 2^125 (about 4e37) count as non-finite: scoring them could overflow fp32 and pick a wrong code.
 * A row marked invalid (``valid[n] == False``) gets index -1 and distance 0 and is not counted.
 * ``counts[k]`` (optional, int32) is the number of valid rows whose index is k: a fused histogram for usage
   statistics.
@@ -50,6 +51,9 @@ if HAS_TRITON:
 METRICS = ("l2", "cosine")
 INDEX_DTYPES = (torch.int64, torch.int32)
 DEFAULT_EPS = 1e-12  # F.normalize's eps
+# l2 only: with ||x||^2 and ||e||^2 both below 2^125, |2 x.e| <= ||x||^2 + ||e||^2 < 2^126 and every score is finite
+# in fp32; a row or code at or above it (|v| >~ 6.5e18) is treated as non-finite instead of being scored wrongly.
+NORM_LIMIT = 2.0**125
 _REF_CHUNK_BYTES = 8 << 20  # the reference's score block (rows x K) never exceeds this (cache-sized)
 
 
@@ -67,6 +71,7 @@ if HAS_TRITON:
         stride_e_col,
         eps,  # cosine normalisation floor
         COSINE: tl.constexpr,
+        NORM_LIMIT: tl.constexpr,  # l2: squared norms at or above this count as non-finite
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -85,7 +90,7 @@ if HAS_TRITON:
             nrm = acc * inv * inv
         else:
             inv = tl.full([BLOCK_K], 1.0, tl.float32)
-            nrm = acc
+            nrm = tl.where(acc < NORM_LIMIT, acc, float("nan"))  # too large to score without overflow
         tl.store(norm_ptr + offs_k, nrm, mask=mask_k)
         tl.store(scale_ptr + offs_k, inv, mask=mask_k)
 
@@ -108,6 +113,7 @@ if HAS_TRITON:
         stride_e_col,
         eps,  # cosine normalisation floor
         COSINE: tl.constexpr,
+        NORM_LIMIT: tl.constexpr,  # l2: rows with ||x||^2 at or above this count as non-finite
         HAS_VALID: tl.constexpr,
         WITH_COUNTS: tl.constexpr,
         COMPUTE_DTYPE: tl.constexpr,  # dtype both tl.dot operands are cast to (promotion of x's and e's)
@@ -115,6 +121,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        SINGLE_D: tl.constexpr,  # D <= BLOCK_D: load the x tile once, outside the codebook loop
     ):
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,6 +143,13 @@ if HAS_TRITON:
             xn = xsq
             dot_scale = tl.full([BLOCK_N], -2.0, tl.float32)
 
+        offs_d0 = tl.arange(0, BLOCK_D)
+        if SINGLE_D:
+            x_res = tl.load(
+                x_ptr + x_row[:, None] + offs_d0[None, :] * stride_x_col,
+                mask=mask_n[:, None] & (offs_d0[None, :] < D),
+                other=0.0,
+            ).to(COMPUTE_DTYPE)
         best = tl.full([BLOCK_N], float("inf"), tl.float32)
         best_idx = tl.full([BLOCK_N], -1, tl.int32)
         for k0 in range(0, K, BLOCK_K):
@@ -143,27 +157,37 @@ if HAS_TRITON:
             mask_k = offs_k < K
             e_row = offs_k.to(tl.int64) * stride_e_row
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                mask_d = offs_d < D
-                xv = tl.load(
-                    x_ptr + x_row[:, None] + offs_d[None, :] * stride_x_col,
-                    mask=mask_n[:, None] & mask_d[None, :],
+            if SINGLE_D:  # D <= BLOCK_D: x stays in registers, only the codebook tile is loaded
+                et = tl.load(
+                    e_ptr + e_row[None, :] + offs_d0[:, None] * stride_e_col,
+                    mask=(offs_d0 < D)[:, None] & mask_k[None, :],
                     other=0.0,
                 ).to(COMPUTE_DTYPE)
-                et = tl.load(  # (BLOCK_D, BLOCK_K): the codebook tile, transposed by addressing
-                    e_ptr + e_row[None, :] + offs_d[:, None] * stride_e_col,
-                    mask=mask_d[:, None] & mask_k[None, :],
-                    other=0.0,
-                ).to(COMPUTE_DTYPE)
-                acc = tl.dot(xv, et, acc, input_precision=INPUT_PRECISION)
-            en = tl.load(enorm_ptr + offs_k, mask=mask_k, other=0.0)
+                acc = tl.dot(x_res, et, acc, input_precision=INPUT_PRECISION)
+            else:
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    mask_d = offs_d < D
+                    xv = tl.load(
+                        x_ptr + x_row[:, None] + offs_d[None, :] * stride_x_col,
+                        mask=mask_n[:, None] & mask_d[None, :],
+                        other=0.0,
+                    ).to(COMPUTE_DTYPE)
+                    et = tl.load(  # (BLOCK_D, BLOCK_K): the codebook tile, transposed by addressing
+                        e_ptr + e_row[None, :] + offs_d[:, None] * stride_e_col,
+                        mask=mask_d[:, None] & mask_k[None, :],
+                        other=0.0,
+                    ).to(COMPUTE_DTYPE)
+                    acc = tl.dot(xv, et, acc, input_precision=INPUT_PRECISION)
+            # codes past K get norm +inf, so their score is +inf and needs no separate mask
+            en = tl.load(enorm_ptr + offs_k, mask=mask_k, other=float("inf"))
             if COSINE:
                 es = tl.load(escale_ptr + offs_k, mask=mask_k, other=0.0)
                 s = en[None, :] + dot_scale[:, None] * (acc * es[None, :])
             else:
                 s = en[None, :] + dot_scale[:, None] * acc
-            s = tl.where(mask_k[None, :] & (tl.abs(s) < float("inf")), s, float("inf"))  # NaN fails the test too
+            # NaN (tl.min's NaN handling is unspecified on GPU) and -inf (fp32 overflow of finite inputs) never win
+            s = tl.where(tl.abs(s) < float("inf"), s, float("inf"))
             tile_min = tl.min(s, axis=1)
             cand = tl.where(s == tile_min[:, None], offs_k[None, :], 2147483647)
             tile_idx = tl.min(cand, axis=1)  # lowest index attaining the tile minimum
@@ -171,7 +195,10 @@ if HAS_TRITON:
             best = tl.where(upd, tile_min, best)
             best_idx = tl.where(upd, tile_idx, best_idx)
 
-        finite = (tl.abs(xsq) < float("inf")) & (best < float("inf"))
+        if COSINE:
+            finite = (xsq < float("inf")) & (best < float("inf"))
+        else:
+            finite = (xsq < NORM_LIMIT) & (best < float("inf"))
         dist = tl.where(finite, tl.maximum(xn + best, 0.0), float("nan"))
         row_ok = mask_n & finite
         if HAS_VALID:
@@ -231,14 +258,14 @@ def _vq_search_triton(x, codebook, valid, cosine, int32_index, with_counts, eps)
     stats_block_k = 64
     _vq_code_stats_kernel[(triton.cdiv(k, stats_block_k),)](
         codebook, enorm, escale, k, d, codebook.stride(0), codebook.stride(1), eps,
-        COSINE=cosine, BLOCK_K=stats_block_k, BLOCK_D=min(cfg["BLOCK_D"], 64),
+        COSINE=cosine, NORM_LIMIT=NORM_LIMIT, BLOCK_K=stats_block_k, BLOCK_D=min(cfg["BLOCK_D"], 64),
     )  # fmt: skip
     _vq_search_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, codebook, enorm, escale, valid if valid is not None else x, idx, dist, counts,
         n, k, d, x.stride(0), x.stride(1), codebook.stride(0), codebook.stride(1), eps,
-        COSINE=cosine, HAS_VALID=valid is not None, WITH_COUNTS=with_counts,
+        COSINE=cosine, NORM_LIMIT=NORM_LIMIT, HAS_VALID=valid is not None, WITH_COUNTS=with_counts,
         COMPUTE_DTYPE=tl_dtype(compute), INPUT_PRECISION=precision,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], SINGLE_D=d <= cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return idx, dist, counts
@@ -323,7 +350,7 @@ def _vq_search_ref_impl(x, codebook, valid, cosine, int32_index, with_counts, ep
         xn, en = xsq * xinv * xinv, esq * einv * einv
         xf, ef = xf * xinv[:, None], ef * einv[:, None]
     else:
-        xn, en = xsq, esq
+        xn, en = xsq, torch.where(esq < NORM_LIMIT, esq, torch.full_like(esq, float("nan")))
     n, k = x.shape[0], codebook.shape[0]
     best = torch.empty(n, dtype=ct, device=x.device)
     best_idx = torch.empty(n, dtype=torch.int64, device=x.device)
@@ -332,7 +359,7 @@ def _vq_search_ref_impl(x, codebook, valid, cosine, int32_index, with_counts, ep
         s = torch.addmm(en[None, :], xf[r0 : r0 + rows], ef.T, alpha=-2.0)  # s = ||e||^2 - 2 x.e
         s.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("inf"))  # non-finite codes never win
         best[r0 : r0 + rows], best_idx[r0 : r0 + rows] = s.min(dim=1)  # min/argmin: lowest index on ties
-    finite = torch.isfinite(xsq) & torch.isfinite(best)
+    finite = (torch.isfinite(xsq) if cosine else xsq < NORM_LIMIT) & torch.isfinite(best)
     dist = torch.where(finite, (xn + best).clamp_min(0), torch.full_like(best, float("nan")))
     row_ok = finite if valid is None else finite & valid
     if valid is not None:

@@ -198,6 +198,22 @@ def test_non_finite_rows_and_codes():
     assert torch.equal(mi, idx)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (interpreter) warns about the overflow it computes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp32_overflow_is_never_a_silent_wrong_code(dtype):
+    """Finite inputs near 1.7e19: 2 x.e overflows fp32 for the true nearest code. The row must be flagged, not
+    answered with a farther code; codes too large to score are never chosen; moderate rows are unaffected."""
+    e = torch.tensor([[0.0], [1.7e19], [1.0]]).to(dtype).to(DEVICE)
+    x = torch.tensor([[1.7e19], [0.9]]).to(dtype).to(DEVICE)
+    for fn in (vq_search, vq_search_ref):
+        idx, dist, _ = fn(x, e)
+        assert idx.tolist() == [-1, 2] and torch.isnan(dist[0]) and dist[1] < 1
+    with pytest.raises(ValueError, match="overflowed"):
+        mimfast.vq_search(x, e)
+    idx, dist, _ = vq_search(x, e, metric="cosine")  # normalised vectors cannot overflow
+    assert set(idx.tolist()) <= {1, 2} and (dist < 1e-5).all()  # codes 1 and 2 normalise to the same unit vector
+
+
 def test_all_codes_non_finite_raises():
     x, e = make(4, 3, 2, torch.float32)
     e[:, 0] = float("nan")
