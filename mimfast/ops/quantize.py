@@ -150,10 +150,11 @@ def quantize_with_info(
     keep = idx >= 0  # excludes masked rows and (nan_policy="mask") non-finite ones
     zq = F.embedding(idx.clamp_min(0).long(), e).to(z.dtype)  # gradient reaches the codebook through index_add
 
-    # losses in fp32 over the kept positions only
-    kf = keep.to(torch.float32)[:, None]
+    # losses over the kept positions only, in fp32 (fp64 for fp64 inputs)
+    lt = torch.promote_types(z.dtype, torch.float32)
+    kf = keep.to(lt)[:, None]
     denom = (kf.sum() * d).clamp_min(1.0)
-    zf, zqf = z.float(), zq.float()
+    zf, zqf = z.to(lt), zq.to(lt)
     safe_z = torch.where(keep[:, None], zf, torch.zeros_like(zf))  # NaN rows must not poison the sums
     safe_q = torch.where(keep[:, None], zqf, torch.zeros_like(zqf))
     commit = ((safe_q.detach() - safe_z) ** 2 * kf).sum() / denom
@@ -207,7 +208,7 @@ def quantize(
     Returns:
         quantized: like x (straight-through; ignored positions equal x),
         indices: x's leading shape ((B, *spatial) for channel_first), -1 at ignored positions,
-        loss: scalar fp32, mean squared error per element over the kept positions.
+        loss: scalar fp32 (fp64 for fp64 x), mean squared error per element over the kept positions.
     """
     out, indices, loss, _ = quantize_with_info(
         x, codebook, metric=metric, channel_first=channel_first, commitment_weight=commitment_weight,
