@@ -46,9 +46,7 @@ def assert_matches_reference(x, e, metric, idx, dist, counts=None):
     assert torch.equal(idx[clear], best_idx[clear]), f"{(idx[clear] != best_idx[clear]).sum()} clear-margin rows differ"
     chosen = s64.gather(1, idx[:, None])[:, 0]
     assert ((chosen - best) <= 2 * allowed).all(), "a near-tie row chose a code farther than the tolerance allows"
-    d64 = (xsq + best).clamp_min(0)
-    if metric == "cosine":
-        d64 = (xsq + best).clamp_min(0)
+    d64 = (xsq + best).clamp_min(0)  # xsq is ||x^||^2 for cosine (scores64 normalised x)
     err = (dist.double().cpu() - d64).abs()
     assert (err <= allowed + 1e-6 * d64).all(), f"distance error {err.max():.3e} > allowed {allowed.max():.3e}"
     if counts is not None:
