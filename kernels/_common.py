@@ -61,6 +61,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return dev == "cuda" or (dev == "cpu" and interpret_mode())
 
 
+def store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Dtype a kernel should store an output of ``dtype`` in.
+
+    The Triton interpreter converts fp32 to bf16 by truncation, whereas GPUs round to nearest even. Under the
+    interpreter a bf16 result is therefore stored as fp32 and rounded by torch afterwards, which is what the GPU
+    kernel's own ``.to(tl.bfloat16)`` gives.
+    """
+    return torch.float32 if dtype == torch.bfloat16 and device.type == "cpu" else dtype
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -112,3 +122,17 @@ def vq_search_config(n: int, k: int, d: int, elem_bytes: int) -> dict:
     block_n = 128 if n >= 16384 else 64
     num_warps = 8 if block_n * block_k >= 128 * 128 else 4
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps, num_stages=3)
+
+
+def token_rows_config(rows: int, d: int, interpret: bool = False, loop: bool = False) -> dict:
+    """Tile sizes for the token gather / restore kernels (shape dims only).
+
+    A program copies a BLOCK_L x BLOCK_D tile of rows (``loop``: walks all rows of one sample in BLOCK_L steps).
+    BLOCK_D covers up to 256 features (a 512 B bf16 row segment) so loads stay wide and coalesced. The interpreter
+    costs per program, not per element, so it gets the largest tiles.
+    """
+    if interpret:
+        return dict(BLOCK_L=min(64, next_pow2(rows)), BLOCK_D=min(1024, next_pow2(d)), num_warps=4)
+    block_d = min(256, next_pow2(d))
+    block_l = 32 if loop else max(1, min(16, next_pow2(rows)))
+    return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
