@@ -1,5 +1,32 @@
 """mimfast.ops: the public functional API over mimfast.kernels."""
 
+from .masking import (
+    MageMask,
+    RandomMask,
+    beit_block_masking,
+    block_masking,
+    cae_block_masking,
+    mage_masking,
+    random_masking,
+)
 from .quantize import NAN_POLICIES, QuantizeInfo, quantize, quantize_with_info, usage_stats, vq_search
+from .tokens import gather_tokens, inverse_index, restore_tokens
 
-__all__ = ["NAN_POLICIES", "QuantizeInfo", "quantize", "quantize_with_info", "usage_stats", "vq_search"]
+__all__ = [
+    "NAN_POLICIES",
+    "MageMask",
+    "QuantizeInfo",
+    "RandomMask",
+    "beit_block_masking",
+    "block_masking",
+    "cae_block_masking",
+    "gather_tokens",
+    "inverse_index",
+    "mage_masking",
+    "quantize",
+    "quantize_with_info",
+    "random_masking",
+    "restore_tokens",
+    "usage_stats",
+    "vq_search",
+]
