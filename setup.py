@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mimfast", "mimfast.kernels", "mimfast.ops", "mimfast.layers"],
+    packages=["mimfast", "mimfast.kernels", "mimfast.ops", "mimfast.layers", "mimfast.models"],
     package_dir={"mimfast": "mimfast", "mimfast.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",  # torch.library.custom_op / register_fake / register_autograd

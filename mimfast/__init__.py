@@ -5,10 +5,29 @@ Public API::
     quantized, indices, loss = mimfast.quantize(x, codebook)        # drop-in functional
     vq = mimfast.VectorQuantizer(dim=256, codebook_size=8192)      # EMA / learnable codebook module
     indices, distances, counts = mimfast.vq_search(x, codebook)    # fused nearest-code search
+
+    m = mimfast.random_masking(B, L, 0.75)                         # MAE masking on the device, no host sync
+    x = mimfast.gather_tokens(tokens, m.ids_keep, pos=pos)         # visible tokens (+ pos, + cls) in one pass
+    y = mimfast.restore_tokens(x, m.ids_restore, mask_token)       # decoder order, mask tokens filled
+    mae = mimfast.create_model("mae_vit_base_patch16_dec512d8b")   # loss, pred, mask = mae(images)
 """
 
 from .layers import VectorQuantizer
-from .ops import QuantizeInfo, quantize, quantize_with_info, usage_stats, vq_search
+from .models import create_model, list_models
+from .ops import (
+    QuantizeInfo,
+    beit_block_masking,
+    block_masking,
+    cae_block_masking,
+    gather_tokens,
+    mage_masking,
+    quantize,
+    quantize_with_info,
+    random_masking,
+    restore_tokens,
+    usage_stats,
+    vq_search,
+)
 
 __version__ = "0.1.0"
 
@@ -16,8 +35,17 @@ __all__ = [
     "QuantizeInfo",
     "VectorQuantizer",
     "__version__",
+    "beit_block_masking",
+    "block_masking",
+    "cae_block_masking",
+    "create_model",
+    "gather_tokens",
+    "list_models",
+    "mage_masking",
     "quantize",
     "quantize_with_info",
+    "random_masking",
+    "restore_tokens",
     "usage_stats",
     "vq_search",
 ]

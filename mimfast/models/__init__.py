@@ -1,0 +1,6 @@
+"""mimfast.models: MIM models built on mimfast.layers / mimfast.ops, and the name registry."""
+
+from .mae import MAEConfig, MaskedAutoencoderViT
+from .registry import create_model, list_models, register_model
+
+__all__ = ["MAEConfig", "MaskedAutoencoderViT", "create_model", "list_models", "register_model"]
