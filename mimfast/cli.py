@@ -1,4 +1,6 @@
 """``mimfast`` command line. ``mimfast demo``: quantize a built-in batch, print speed and codebook usage.
+``mimfast pretrain``: masked-image-modeling pretraining (:mod:`mimfast.train`), e.g.
+``mimfast pretrain --config mae_debug train.epochs=3 optim.blr=1e-4``.
 
 The demo needs no download: it draws a seeded Gaussian-mixture batch (the kind of clustered features a VQ tokenizer
 sees), times ``mimfast.vq_search`` against the eager PyTorch search most VQ code uses, then trains an EMA
@@ -102,6 +104,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train import CheckpointError, ConfigError, NonFiniteLossError, flatten_config, get_config, list_configs
+
+    if args.list_configs:
+        print("\n".join(list_configs()))
+        return 0
+    overrides = list(args.overrides)
+    if args.out is not None:
+        overrides.append(f"train.out_dir={args.out}")
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    try:
+        cfg = get_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(f"# mimfast pretrain --config {args.config}: every key, as a key=value override")
+        for key, value, doc in flatten_config(cfg):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            print(f"{key}={shown}" + (f"    # {doc}" if doc else ""))
+        return 0
+    from .train import pretrain
+
+    try:
+        pretrain(cfg)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimfast", description="mimfast: fast masked image modeling and VQ kernels")
     p.add_argument("--version", action="version", version=f"mimfast {__version__}")
@@ -118,6 +155,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reps", type=int, default=5, help="timed repetitions of each search")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+    t = sub.add_parser(
+        "pretrain",
+        help="masked image modeling pretraining (single process, or one rank under torchrun)",
+        description="Pretrain from a named config with dotted key=value overrides, e.g. "
+        "`mimfast pretrain --config mae_debug train.epochs=3 optim.blr=1e-4 data.root=/data/imagenet`. "
+        "Multi-GPU: `torchrun --nproc_per_node 8 -m mimfast.cli pretrain --config mae_vit_base ...`.",
+    )
+    t.add_argument("--config", default="mae_debug", help="preset name (see --list-configs; default mae_debug)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=3 optim.blr=1e-4 out=DIR")
+    t.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in out_dir) or a checkpoint path")
+    t.add_argument("--out", default=None, help="run directory (same as train.out_dir=...)")
+    t.add_argument("--print-config", action="store_true", help="print every key with its value and meaning; exit")
+    t.add_argument("--list-configs", action="store_true", help="list the presets and exit")
+    t.set_defaults(func=cmd_pretrain)
+    from .data.validate import add_validate_arguments, cmd_validate
+    from .train.evaluate import add_probe_arguments, add_reconstruct_arguments, cmd_probe, cmd_reconstruct
+
+    v = sub.add_parser(
+        "validate-data",
+        help="find corrupt or unreadable images (which abort DALI mid-epoch) in a folder or webdataset tree",
+    )
+    add_validate_arguments(v)
+    v.set_defaults(func=cmd_validate)
+    pr = sub.add_parser(
+        "probe",
+        help="linear probe (top-1) of a pretrained encoder on a labelled dataset (the built-in one by default)",
+    )
+    add_probe_arguments(pr)
+    pr.set_defaults(func=cmd_probe)
+    rc = sub.add_parser("reconstruct", help="write a PNG grid of MAE inputs / masked inputs / reconstructions")
+    add_reconstruct_arguments(rc)
+    rc.set_defaults(func=cmd_reconstruct)
     return p
 
 

@@ -1,0 +1,422 @@
+"""Evaluating a pretrained MAE: ``mimfast probe`` (linear probe, top-1) and ``mimfast reconstruct`` (a PNG grid).
+
+Linear probe, as MAE's ``main_linprobe`` defines it but sized for a quick check: the pretrained encoder is frozen and
+run on *all* patches (mask ratio 0, token order unchanged), one feature per image is taken (the class token after the
+final norm, or the mean of the patch tokens: MAE's pretraining loss never reaches the class token directly, and its
+fine-tuning recipe pools the patch tokens), features are standardised with the training split's statistics (MAE's
+``BatchNorm1d(affine=False)`` before the head) and a linear classifier is trained on them with full-batch AdamW.
+Images use the eval transform (resize + centre crop, no flip) on both splits, so features are extracted once.
+Top-1 is measured on the validation split. ``random_init=True`` probes a freshly initialised encoder of the same
+architecture with the same recipe: the baseline pretraining must beat.
+
+Reconstruction: ``num_images`` validation images spread evenly over the split (every class of a class-sorted
+folder shows up), masked with a seeded draw, each shown as
+[original | masked input | reconstruction | reconstruction with the visible patches pasted back]; with norm-pix loss the
+predicted patches are mapped back to pixels with each target patch's mean and variance (as MAE's visualisation does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models import create_model
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import config_from_dict
+
+__all__ = [
+    "ProbeResult",
+    "extract_features",
+    "extract_pooled_features",
+    "fit_linear_probe",
+    "linear_probe",
+    "linear_probes",
+    "load_pretrained",
+    "reconstruct",
+]
+
+
+@dataclass
+class ProbeResult:
+    """Outcome of a linear probe."""
+
+    top1: float
+    """Validation top-1 accuracy in [0, 1]."""
+    train_top1: float
+    """Top-1 on the (probe) training features, for reference."""
+    num_train: int
+    """Training images the probe saw."""
+    num_val: int
+    """Validation images scored."""
+    num_classes: int
+    """Classes of the dataset."""
+    feature_dim: int
+    """Width of the probed feature."""
+    pool: str
+    """"cls" or "mean"."""
+    random_init: bool
+    """True when the encoder was freshly initialised rather than loaded."""
+
+
+def _device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} was asked for but torch.cuda.is_available() is False")
+    return dev
+
+
+def load_pretrained(checkpoint: str | Path, *, random_init: bool = False, seed: int = 0):
+    """Rebuild the model of a ``mimfast pretrain`` run from its checkpoint (a ``ckpt_*.pt`` file or the run directory).
+
+    Returns ``(model, run_config, step)``; with ``random_init=True`` the weights are a fresh seeded initialisation of
+    the same architecture (step is then 0). The model is in eval mode on the CPU.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_dict(ckpt["config"])
+    overrides = dict(cfg.model.overrides)
+    if random_init:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = create_model(cfg.model.name, **overrides)
+        step = 0
+    else:
+        model = create_model(cfg.model.name, **overrides)
+        model.load_state_dict(ckpt["model"])
+        step = int(ckpt["step"])
+    return model.eval(), cfg, step
+
+
+def _identity_noise(bsz: int, seq: int, device: torch.device) -> torch.Tensor:
+    # with mask ratio 0 every token is kept; increasing noise keeps them in image order
+    return torch.arange(seq, dtype=torch.float32, device=device).expand(bsz, seq)
+
+
+POOLS = ("cls", "mean")
+
+
+@torch.no_grad()
+def extract_pooled_features(model: nn.Module, loader, *, pools=POOLS, device=None, progress: bool = False):
+    """Frozen-encoder features of every valid sample of one epoch of ``loader`` (eval mode), pooled each way in
+    ``pools`` ("cls": the class token after the final norm; "mean": the mean of the patch tokens) in one pass.
+
+    Returns ``({pool: features (N, D) float32 on the CPU}, labels (N,) int64)``.
+    """
+    pools = tuple(pools)
+    if not pools or any(p not in POOLS for p in pools):
+        raise ValueError(f"pool: expected 'cls' or 'mean', got {pools if len(pools) != 1 else pools[0]!r}")
+    device = _device(device) if not isinstance(device, torch.device) else device
+    model = model.to(device).eval()
+    feats: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
+    labels = []
+    n_batches = len(loader)
+    for i, batch in enumerate(loader):
+        imgs = batch.images.to(device, non_blocking=True)
+        latent, _, _ = model.forward_encoder(
+            imgs, 0.0, _identity_noise(imgs.shape[0], model.config.num_patches, device)
+        )
+        keep = batch.valid.to(torch.bool).cpu()
+        for p in pools:
+            f = latent[:, 0] if p == "cls" else latent[:, 1:].mean(dim=1)
+            feats[p].append(f.float().cpu()[keep])
+        labels.append(batch.labels.cpu()[keep])
+        if progress and (i + 1 == n_batches or (i + 1) % 20 == 0):
+            print(f"  features: batch {i + 1}/{n_batches}", flush=True)
+    return {p: torch.cat(v) for p, v in feats.items()}, torch.cat(labels).long()
+
+
+def extract_features(model: nn.Module, loader, *, pool: str = "cls", device=None, progress: bool = False):
+    """Frozen-encoder features of every valid sample of one epoch of ``loader`` (eval mode), pooled by ``pool``.
+
+    Returns ``(features (N, D) float32 on the CPU, labels (N,) int64)``.
+    """
+    feats, labels = extract_pooled_features(model, loader, pools=(pool,), device=device, progress=progress)
+    return feats[pool], labels
+
+
+def fit_linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    num_classes: int,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Standardise with the training statistics, train ``Linear(D, num_classes)`` by full-batch AdamW.
+
+    ``train_x (N, D)``, ``train_y (N,)``, ``val_x (M, D)``, ``val_y (M,)``. Returns ``(val_top1, train_top1)``.
+    """
+    if train_x.ndim != 2 or val_x.ndim != 2 or train_x.shape[1] != val_x.shape[1]:
+        raise ValueError(f"features: expected (N, D) and (M, D), got {tuple(train_x.shape)} and {tuple(val_x.shape)}")
+    if train_x.shape[0] == 0 or val_x.shape[0] == 0:
+        raise ValueError("features: the probe needs at least one training and one validation sample")
+    mean = train_x.mean(0)
+    std = train_x.std(0, unbiased=False).clamp_min(1e-6)
+    tx, vx = (train_x - mean) / std, (val_x - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Linear(tx.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)  # MAE: trunc_normal(std=0.01)
+        head.bias.zero_()
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = F.cross_entropy(head(tx), train_y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        val_top1 = (head(vx).argmax(1) == val_y).float().mean().item()
+        train_top1 = (head(tx).argmax(1) == train_y).float().mean().item()
+    return val_top1, train_top1
+
+
+def _eval_loaders(cfg, data_root: str | None, batch_size: int, device: torch.device):
+    import dataclasses
+
+    from ..data import build_loader
+
+    data_cfg = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+    data_cfg = dataclasses.replace(data_cfg, tokenizer_size=None)
+    device_id = (device.index or 0) if device.type == "cuda" else None
+    train = build_loader(data_cfg, batch_size=batch_size, split="train", mode="eval", device_id=device_id)
+    val = build_loader(data_cfg, batch_size=batch_size, split="val", mode="eval", device_id=device_id)
+    return data_cfg, train, val
+
+
+def linear_probes(
+    checkpoint: str | Path,
+    *,
+    pools=POOLS,
+    data_root: str | None = None,
+    random_init: bool = False,
+    batch_size: int = 64,
+    steps: int = 300,
+    lr: float = 0.05,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+    loaders=None,
+) -> dict[str, ProbeResult]:
+    """Linear probes of the encoder of a pretraining checkpoint (or of a seeded random encoder of the same
+    architecture), one per feature pooling in ``pools``, from one feature-extraction pass: ``{pool: ProbeResult}``.
+
+    ``data_root`` defaults to the run's own ``data.root`` (``"builtin"`` for the debug preset); it needs ``train`` and
+    ``val`` splits with class labels. ``loaders`` = ``(train_loader, val_loader)`` skips building them (to reuse one
+    pair for several probes).
+    """
+    dev = _device(device) if not isinstance(device, torch.device) else device
+    model, cfg, _ = load_pretrained(checkpoint, random_init=random_init, seed=seed)
+    if loaders is None:
+        _, train_loader, val_loader = _eval_loaders(cfg, data_root, batch_size, dev)
+    else:
+        train_loader, val_loader = loaders
+    tf, ty = extract_pooled_features(model, train_loader, pools=pools, device=dev, progress=progress)
+    vf, vy = extract_pooled_features(model, val_loader, pools=pools, device=dev, progress=progress)
+    num_classes = int(max(ty.max().item(), vy.max().item())) + 1
+    out = {}
+    for p in tf:
+        top1, train_top1 = fit_linear_probe(tf[p], ty, vf[p], vy, num_classes=num_classes, steps=steps, lr=lr,
+                                            seed=seed)  # fmt: skip
+        out[p] = ProbeResult(top1, train_top1, len(ty), len(vy), num_classes, tf[p].shape[1], p, random_init)
+    return out
+
+
+def linear_probe(checkpoint: str | Path, *, pool: str = "cls", **kwargs) -> ProbeResult:
+    """:func:`linear_probes` with one pooling (``"cls"`` or ``"mean"``); same keyword arguments."""
+    if pool not in POOLS:
+        raise ValueError(f"pool: expected 'cls' or 'mean', got {pool!r}")
+    return linear_probes(checkpoint, pools=(pool,), **kwargs)[pool]
+
+
+# ------------------------------------------------------------------------------------------------ reconstruct
+def _spread_images(loader, num: int) -> torch.Tensor:
+    """``num`` images evenly spaced over one (in-order) epoch of an eval loader, so a class-sorted split shows every
+    class rather than the first one: (num, 3, H, W) on the loader's device."""
+    n = loader.num_samples
+    want = {round(i * n / num) for i in range(min(num, n))}
+    picked, seen = [], 0
+    for batch in loader:
+        for img, ok in zip(batch.images, batch.valid.tolist(), strict=True):
+            if ok:
+                if seen in want:
+                    picked.append(img)
+                seen += 1
+        if len(picked) == len(want):
+            break
+    return torch.stack(picked)
+
+
+@torch.no_grad()
+def reconstruct(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    *,
+    num_images: int = 8,
+    mask_ratio: float | None = None,
+    data_root: str | None = None,
+    seed: int = 0,
+    scale: int | None = None,
+    device=None,
+) -> Path:
+    """Write a PNG grid of MAE inputs / masks / reconstructions of ``num_images`` validation images spread evenly over
+    the split.
+
+    Columns: original, masked input (removed patches grey), reconstruction, reconstruction with the visible patches
+    pasted back. ``mask_ratio`` defaults to the run's; ``scale`` (nearest-neighbour upscaling) defaults to reaching
+    about 128 px per tile. Returns the path written (default: ``reconstruction.png`` in the checkpoint's directory).
+    """
+    from PIL import Image
+
+    from ..data import denormalize
+
+    if not (isinstance(num_images, int) and num_images >= 1):
+        raise ValueError(f"num_images: expected an int >= 1, got {num_images!r}")
+    dev = _device(device) if not isinstance(device, torch.device) else device
+    model, cfg, step = load_pretrained(checkpoint)
+    model = model.to(dev)
+    ratio = cfg.model.mask_ratio if mask_ratio is None else mask_ratio
+    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"mask_ratio: expected a float in [0, 1), got {ratio!r}")
+    data_cfg, _, val = _eval_loaders(cfg, data_root, 32, dev)
+    imgs = _spread_images(val, num_images).to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=gen).to(dev)
+    _, pred, mask = model(imgs, ratio, noise=noise)
+    if model.config.norm_pix_loss:  # predictions are normalised patches: map back with each target patch's stats
+        target = model.patchify(imgs)
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    p = model.config.patch_size
+    recon = model.unpatchify(pred.float())
+    m = model.unpatchify(mask.unsqueeze(-1).repeat(1, 1, p * p * model.config.in_chans).float())
+    orig = denormalize(imgs.float().cpu(), data_cfg)
+    recon = denormalize(recon.cpu(), data_cfg)
+    m = m.cpu()
+    masked = orig * (1 - m) + 0.5 * m
+    pasted = orig * (1 - m) + recon * m
+    cols = [orig, masked, recon, pasted]
+    n, _, h, w = orig.shape
+    if scale is None:
+        scale = max(1, round(128 / h))
+    pad = 2
+    tile_h, tile_w = h * scale, w * scale
+    canvas = torch.ones(3, n * (tile_h + pad) + pad, len(cols) * (tile_w + pad) + pad)
+    for i in range(n):
+        for j, col in enumerate(cols):
+            t = col[i].clamp(0, 1)
+            if scale > 1:
+                t = F.interpolate(t[None], scale_factor=scale, mode="nearest")[0]
+            y, x = pad + i * (tile_h + pad), pad + j * (tile_w + pad)
+            canvas[:, y : y + tile_h, x : x + tile_w] = t
+    if out is None:  # next to the checkpoint, wherever the run was started from
+        run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        out = run_dir / "reconstruction.png"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arr = (canvas.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    tmp = out.with_name(out.name + ".tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    tmp.replace(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- the CLI
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file or a run directory (its newest checkpoint)")
+    p.add_argument("--data-root", default=None, help="dataset with train/ and val/ (default: the run's data.root)")
+    p.add_argument("--pool", choices=("cls", "mean", "both"), default="both",
+                   help="feature: the class token, the mean of the patch tokens, or both (default)")  # fmt: skip
+    p.add_argument("--compare-random", action="store_true", help="also probe randomly initialised encoders")
+    p.add_argument("--random-seeds", type=int, default=3, help="random inits to probe (seeds seed..seed+N-1)")
+    p.add_argument("--random-init", action="store_true", help="probe only randomly initialised encoders")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=300, help="full-batch AdamW steps of the linear head")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    if args.random_seeds < 1 or args.steps < 1 or args.batch_size < 1:
+        print("error: --random-seeds, --steps and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        dev = _device(args.device)
+        _, cfg, step = load_pretrained(args.checkpoint)
+        data_cfg, train, val = _eval_loaders(cfg, args.data_root, args.batch_size, dev)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pools = POOLS if args.pool == "both" else (args.pool,)
+    runs = [] if args.random_init else [(False, args.seed)]
+    if args.random_init or args.compare_random:
+        runs += [(True, args.seed + i) for i in range(args.random_seeds)]
+    print(f"linear probe: {cfg.model.name} from {args.checkpoint} (step {step}), data {data_cfg.root}, "
+          f"{train.num_samples} train / {val.num_samples} val images; val top-1 (train top-1) by feature:")  # fmt: skip
+    head = "".join(f"{'class token' if p == 'cls' else 'mean of patches':>22}" for p in pools)
+    print(f"  {'encoder':<22}{head}")
+    rows = []
+    for is_random, seed in runs:
+        t0 = time.perf_counter()
+        res = linear_probes(args.checkpoint, pools=pools, random_init=is_random, steps=args.steps, lr=args.lr,
+                            seed=seed, device=dev, progress=False, loaders=(train, val))  # fmt: skip
+        label = f"random init (seed {seed})" if is_random else f"pretrained (step {step})"
+        cells = "".join(f"{f'{100 * res[p].top1:.1f}% ({100 * res[p].train_top1:.1f}%)':>22}" for p in pools)
+        print(f"  {label:<22}{cells}   {time.perf_counter() - t0:.1f} s", flush=True)
+        rows.append({"encoder": "random" if is_random else "pretrained", "seed": seed,
+                     **{p: {"top1": res[p].top1, "train_top1": res[p].train_top1} for p in pools}})  # fmt: skip
+    summary = {}
+    pre = [r for r in rows if r["encoder"] == "pretrained"]
+    rnd = [r for r in rows if r["encoder"] == "random"]
+    if pre and rnd:
+        for p in pools:
+            best = max(r[p]["top1"] for r in rnd)
+            mean = sum(r[p]["top1"] for r in rnd) / len(rnd)
+            summary[p] = {"pretrained": pre[0][p]["top1"], "random_mean": mean, "random_best": best,
+                          "margin_over_best_random": pre[0][p]["top1"] - best}  # fmt: skip
+            print(f"  {'class token' if p == 'cls' else 'mean of patches'}: pretrained {100 * pre[0][p]['top1']:.1f}% "
+                  f"vs random init {100 * mean:.1f}% (mean of {len(rnd)}, best {100 * best:.1f}%): "
+                  f"{100 * (pre[0][p]['top1'] - best):+.1f} points over the best random init")  # fmt: skip
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = {"checkpoint": str(args.checkpoint), "step": step, "model": cfg.model.name, "data": data_cfg.root,
+                  "num_train": train.num_samples, "num_val": val.num_samples, "probe_steps": args.steps,
+                  "runs": rows, "summary": summary}  # fmt: skip
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"  results: {out}")
+    return 0
+
+
+def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a ckpt_*.pt file or a run directory (its newest checkpoint)")
+    p.add_argument("--out", default=None, help="PNG to write (default: reconstruction.png beside the checkpoint)")
+    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the run's model.mask_ratio")
+    p.add_argument("--data-root", default=None, help="dataset with a val/ split (default: the run's data.root)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    try:
+        out = reconstruct(args.checkpoint, args.out, num_images=args.num_images, mask_ratio=args.mask_ratio,
+                          data_root=args.data_root, seed=args.seed, device=args.device)  # fmt: skip
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"reconstruction grid (original | masked | reconstruction | reconstruction + visible): {out}")
+    return 0

@@ -1,0 +1,634 @@
+"""The pretraining loop: ``pretrain(cfg) -> RunResult``, in one process or one rank of a torchrun job.
+
+One optimizer step = ``accum_steps`` micro-batches per rank (gradient all-reduce on the last one only), bf16 / fp16
+autocast, an optional global-norm clip, AdamW with MAE's per-step lr (linear warm-up + half-cycle cosine, set before
+every update). Each step's loss is averaged over micro-batches and ranks; its finiteness is all-reduced with MIN, so
+every rank takes the same stop / skip decision and no rank is left waiting in a collective.
+
+Per step, rank 0 appends ``{"step", "epoch", "loss", "lr", "skipped"}`` to ``out_dir/metrics.jsonl``; every
+``log_every`` steps it prints a progress line (step/total, loss, lr, img/s, MFU) and, when enabled, writes the same
+scalars to TensorBoard (``out_dir/tb``). Checkpoints (:mod:`mimfast.train.checkpoint`) go to ``out_dir`` every
+``ckpt_every`` steps and after the last step.
+
+Exact resume: a checkpoint is written only at a step boundary and holds the model, optimizer, scaler, counters,
+every rank's RNG states and every rank's data-loader position. A resumed run therefore replays the remaining steps
+bit for bit, given the same world size, thread counts and ``train.deterministic=true`` (the debug preset's setting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mimfast.data import build_loader
+
+from ..models import create_model
+from . import checkpoint as ckpt_mod
+from .config import ConfigError, RunConfig, config_to_dict, flatten_config_dict, lr_at, scaled_lr
+from .distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_min,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    compile_blocks,
+    grad_sync,
+    init_distributed,
+    wrap_model,
+)
+
+__all__ = ["NonFiniteLossError", "RunResult", "param_groups", "peak_flops", "pretrain"]
+
+# Dense bf16 tensor-core peak per GPU (datasheet, no sparsity), for MFU. Matched against the device name.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of ``device`` from :data:`PEAK_BF16_FLOPS`; None for the CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss was NaN/inf on some rank and ``train.nan_policy`` is ``stop``."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`pretrain` returns (the same on every rank, except the paths are rank 0's)."""
+
+    step: int
+    """Optimizer steps completed in total (including those before a resume)."""
+    start_step: int
+    """Step the run started from (0, or the resumed checkpoint's step)."""
+    losses: list[float | None] = field(default_factory=list)
+    """Rank-averaged loss of each step run by this call (``losses[i]`` is step ``start_step + i + 1``); None for a
+    skipped non-finite step."""
+    skipped: int = 0
+    """Non-finite steps skipped over the whole run (``nan_policy=skip``)."""
+    skipped_steps: list[int] = field(default_factory=list)
+    """Their step numbers."""
+    checkpoint: str | None = None
+    """The last checkpoint written (or resumed from, when nothing was left to do)."""
+    resumed_from: str | None = None
+    """The checkpoint this call resumed from, if any."""
+    out_dir: str = ""
+    """The run directory."""
+    metrics: str = ""
+    """``out_dir/metrics.jsonl``."""
+    tensorboard: str | None = None
+    """TensorBoard log directory, when enabled."""
+    images_per_sec: float = 0.0
+    """Global training throughput of this call (all ranks, excluding the first step's warm-up)."""
+    world_size: int = 1
+    """Ranks in the job."""
+
+
+# ------------------------------------------------------------------------------------------------------- setup
+def param_groups(model: nn.Module, weight_decay: float, *, no_decay_tokens: bool = True) -> list[dict]:
+    """AdamW groups: weight matrices decay; 1-D parameters (norms), biases and, with ``no_decay_tokens``, class /
+    mask tokens and position embeddings (plus a timm-style ``model.no_weight_decay()`` set) do not. Frozen
+    parameters (MAE's fixed sin-cos ``pos_embed``) are left out."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        token = leaf.endswith("token") or "pos_embed" in leaf or name in skip
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or (no_decay_tokens and token) else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _build_optimizer(
+    model: nn.Module, cfg: RunConfig, lr: float, device: torch.device, log: Callable[[str], None]
+) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay, no_decay_tokens=o.no_decay_tokens)
+    if o.apex:
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            FusedAdam, why = None, "apex is not importable (not on PyPI: build NVIDIA/apex with --cuda_ext)"
+        else:
+            why = "apex FusedAdam needs CUDA" if device.type != "cuda" else None
+        if why is None:
+            return FusedAdam(groups, lr=lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
+        log(f"note: optim.apex=true but {why}; using torch.optim.AdamW")
+    fused = o.fused if o.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, fused=fused or None)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _dsd():
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    return dsd
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a torn last line from a killed run
+                rows.append(json.loads(line))
+    return rows
+
+
+def _fmt_lr(x: float) -> str:
+    return f"{x:.3e}"
+
+
+# -------------------------------------------------------------------------------------------------------- run
+class _Run:
+    def __init__(self, cfg: RunConfig, info: DistInfo, on_step: Callable | None):
+        self.cfg, self.info, self.on_step = cfg, info, on_step
+        self.main = info.is_main
+        self.out = Path(cfg.train.out_dir)
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+    # -------------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, t, info = self.cfg, self.cfg.train, self.info
+        dev = info.device
+        if t.tensorboard:  # fail before building anything (every rank checks: no rank waits on a dead one)
+            try:
+                importlib.import_module("torch.utils.tensorboard")
+            except ImportError as e:
+                raise ConfigError(
+                    "train.tensorboard=true needs the tensorboard package: `pip install tensorboard` (or "
+                    f"`pip install -e '.[train]'`), or set train.tensorboard=false ({e})"
+                ) from None
+        if t.num_threads is not None:
+            torch.set_num_threads(t.num_threads)
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        precision = t.precision
+        if dev.type == "cpu" and precision == "fp16":
+            self.log("note: train.precision=fp16 is not supported on the CPU; running fp32 (use bf16 or fp32 there)")
+            precision = "fp32"
+        self.precision = precision
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+        # the model: same initialisation on every rank (DDP also broadcasts rank 0's parameters)
+        _seed_all(t.seed)
+        try:
+            model = create_model(cfg.model.name, **cfg.model.overrides)
+        except TypeError as e:
+            raise ConfigError(f"model.overrides={cfg.model.overrides!r}: not accepted by {cfg.model.name}: {e}") from e
+        img = getattr(getattr(model, "config", None), "img_size", None)
+        if img is not None and img != cfg.data.img_size:
+            raise ConfigError(
+                f"data.img_size={cfg.data.img_size} but model {cfg.model.name} takes {img} px images; "
+                f"set data.img_size={img} (or model.overrides.img_size=...)"
+            )
+        self.flops_per_image = (
+            model.flops_per_image(cfg.model.mask_ratio) if hasattr(model, "flops_per_image") else None
+        )
+        self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+        # the checkpoint to resume from: rank 0 decides, every rank reads the same file (memory-mapped)
+        ckpt = None
+        decision = broadcast_object(self._resolve_resume() if self.main else None, info)
+        if isinstance(decision, str) and decision.startswith("error:"):
+            raise ConfigError(decision[len("error:") :])
+        self.resumed_from = decision
+        if decision is not None:
+            ckpt = ckpt_mod.load_checkpoint(decision, mmap=True)
+            model.load_state_dict(ckpt["model"])
+        model.to(dev)
+        if t.compile:
+            compile_blocks(model)
+        self.module = model
+        self.model = wrap_model(model, t.dist, info)
+
+        # batch arithmetic and MAE's lr scaling
+        accum = cfg.optim.accum_steps
+        if accum is None:
+            accum = 1
+            if t.global_batch_size is not None:
+                per_step = t.batch_size * info.world_size
+                if t.global_batch_size % per_step:
+                    raise ConfigError(
+                        f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                        f"batch_size * world_size = {per_step}"
+                    )
+                accum = t.global_batch_size // per_step
+        self.accum = accum
+        self.eff_batch = t.batch_size * accum * info.world_size
+        if t.global_batch_size is not None and self.eff_batch != t.global_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} but batch_size * accum_steps * "
+                f"world_size = {self.eff_batch}"
+            )
+        self.peak_lr = scaled_lr(cfg.optim, self.eff_batch)
+        self.optimizer = _build_optimizer(self.module, cfg, self.peak_lr, dev, self.log)
+        self.scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
+
+        # data
+        loader_state = None
+        if ckpt is not None:
+            saved = ckpt.get("loader") or []
+            if len(saved) != info.world_size:
+                raise ConfigError(
+                    f"train.resume: checkpoint {decision} was written by {len(saved)} rank(s), this "
+                    f"job has {info.world_size}; exact resume needs the same world size"
+                )
+            loader_state = ckpt_mod.decode_object(saved[info.rank])
+        self.loader = build_loader(
+            cfg.data,
+            batch_size=t.batch_size,
+            split="train",
+            rank=info.rank,
+            world_size=info.world_size,
+            device_id=dev.index if dev.type == "cuda" else None,
+            state=loader_state,
+        )
+        n_batches = len(self.loader)
+        self.steps_per_epoch = n_batches // accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"data: {n_batches} batches of {t.batch_size} per rank per epoch, fewer than "
+                f"accum_steps={accum}; use a smaller train.batch_size or more data"
+            )
+        self.total_steps = t.epochs * self.steps_per_epoch
+        self.stop = min(self.total_steps, t.max_steps) if t.max_steps is not None else self.total_steps
+        self.warmup_steps = cfg.optim.warmup_epochs * self.steps_per_epoch
+
+        # counters, optimizer / scaler state and, last of all (setup draws random numbers), every RNG
+        self.step = self.sched_step = self.skipped = 0
+        self.skipped_steps: list[int] = []
+        self._rng_to_restore: dict | None = None
+        if ckpt is not None:
+            self._load_state(ckpt)
+        self.start_step = self.step
+
+        # rank 0 owns the run directory; a failure there (permissions, no tensorboard) stops every rank, not just 0
+        failure = None
+        if self.main:
+            try:
+                self._setup_outputs()
+            except Exception as e:
+                failure = e
+        if broadcast_object(None if failure is None else repr(failure), info) is not None:
+            raise failure if failure is not None else RuntimeError("rank 0 failed to set up train.out_dir")
+        self._print_header()
+
+    def _resolve_resume(self) -> str | None:
+        """Rank 0: the checkpoint path to resume from, None, or ``"error:<message>"`` (broadcast to all ranks)."""
+        t = self.cfg.train
+        try:
+            ckpt_mod.remove_stale_tmp(self.out)  # left by a writer killed mid-write; never a checkpoint
+            if t.resume is None:
+                existing = ckpt_mod.list_checkpoints(self.out)
+                if existing:
+                    return (
+                        f"error:train.out_dir={t.out_dir!r} already holds checkpoints (newest {existing[0].name}); "
+                        "resume with train.resume=auto, or choose a new train.out_dir"
+                    )
+                return None
+            path = ckpt_mod.find_resume_checkpoint(t.resume, self.out, quarantine=True)
+        except ckpt_mod.CheckpointError as e:
+            return f"error:train.resume={t.resume!r}: {e}"
+        if path is None:
+            self.log(f"resume=auto: no valid checkpoint in {str(self.out)!r}; starting fresh")
+            return None
+        return str(path)
+
+    def _load_state(self, ckpt: dict) -> None:
+        info, tr = self.info, ckpt.get("train", {})
+        saved_shape = (tr.get("steps_per_epoch", self.steps_per_epoch), tr.get("accum_steps", self.accum))
+        if saved_shape != (self.steps_per_epoch, self.accum):
+            raise ConfigError(
+                f"train.resume: checkpoint has {tr.get('steps_per_epoch')} steps/epoch x {tr.get('accum_steps')} "
+                f"micro-batches, this run {self.steps_per_epoch} x {self.accum}; batch size or data changed"
+            )
+        saved_cfg = flatten_config_dict(ckpt["config"])
+        now = flatten_config_dict(config_to_dict(self.cfg))
+        free = {
+            "train.resume",
+            "train.out_dir",
+            "train.max_steps",
+            "train.log_every",
+            "train.ckpt_every",
+            "train.keep_last",
+            "train.tensorboard",
+            "data.num_threads",
+            "data.prefetch",
+        }
+        changed = sorted(k for k in now if k not in free and k in saved_cfg and saved_cfg[k] != now[k])
+        if changed and self.main:
+            warnings.warn(
+                "resuming with a different config (the resumed run will not replay the original exactly): "
+                + ", ".join(f"{k}: {saved_cfg[k]!r} -> {now[k]!r}" for k in changed),
+                stacklevel=3,
+            )
+        dsd = _dsd()
+        dsd.set_optimizer_state_dict(
+            self.module, self.optimizer, ckpt["optimizer"], options=dsd.StateDictOptions(full_state_dict=True)
+        )
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        self.sched_step = int(tr.get("sched_step", self.step))
+        self.skipped = int(tr.get("skipped", 0))
+        self.skipped_steps = list(tr.get("skipped_steps", []))
+        rngs = ckpt.get("rng") or []
+        if len(rngs) != info.world_size:
+            raise ConfigError(
+                f"train.resume: checkpoint holds RNG states of {len(rngs)} rank(s), job has {info.world_size}"
+            )
+        self._rng_to_restore = rngs[info.rank]
+
+    def _setup_outputs(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt_mod.atomic_save_json(config_to_dict(self.cfg), self.out / "config.json")
+        # metrics.jsonl reflects the steps that count: drop records past the resumed step (a killed run's tail)
+        self.metrics_path = self.out / "metrics.jsonl"
+        rows = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.start_step]
+        ckpt_mod.atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.metrics_file = open(self.metrics_path, "a", buffering=1)
+        self.tb = None
+        self.tb_dir = None
+        if self.cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_dir = self.out / "tb"
+            self.tb = SummaryWriter(str(self.tb_dir), purge_step=self.start_step + 1)
+
+    def _print_header(self) -> None:
+        c, t, info = self.cfg, self.cfg.train, self.info
+        where = f"{info.world_size} x {info.device.type}" + (f" ({t.dist}, {info.backend})" if info.distributed else "")
+        self.log(
+            f"mimfast pretrain | {c.preset or 'custom'} | {c.model.name} ({self.n_params / 1e6:.1f}M params) | "
+            f"{where} | {self.precision}"
+        )
+        self.log(
+            f"  data {c.data.root} at {c.data.img_size}px: {len(self.loader)} batches x {t.batch_size}/rank per "
+            f"epoch -> {self.steps_per_epoch} steps/epoch; effective batch {self.eff_batch} "
+            f"({t.batch_size} x {self.accum} accum x {info.world_size} ranks)"
+        )
+        self.log(
+            f"  lr {_fmt_lr(self.peak_lr)} (blr {c.optim.blr:g} x {self.eff_batch}/256"
+            f"{', set directly' if c.optim.lr is not None else ''}), warm-up {self.warmup_steps:g} steps, "
+            f"cosine to step {self.total_steps}; running steps {self.start_step + 1}..{self.stop}"
+        )
+        if self.resumed_from:
+            self.log(f"  resumed from {self.resumed_from} (step {self.start_step})")
+
+    # ------------------------------------------------------------------------------------------------- state
+    def _checkpoint(self) -> str | None:
+        """Gather the full state (collective: every rank calls this) and write it on rank 0."""
+        info = self.info
+        dsd = _dsd()
+        opts = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = dsd.get_model_state_dict(self.module, options=opts)
+        optim_sd = dsd.get_optimizer_state_dict(self.module, self.optimizer, options=opts)
+        rngs = all_gather_object(ckpt_mod.capture_rng_state(info.device), info)
+        loaders = all_gather_object(self.loader.state_dict(), info)
+        if not self.main:
+            return None
+        state = {
+            "step": self.step,
+            "model": model_sd,
+            "optimizer": optim_sd,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "train": {
+                "sched_step": self.sched_step,
+                "epoch": self.step / self.steps_per_epoch,
+                "skipped": self.skipped,
+                "skipped_steps": list(self.skipped_steps),
+                "steps_per_epoch": self.steps_per_epoch,
+                "accum_steps": self.accum,
+                "world_size": info.world_size,
+                "peak_lr": self.peak_lr,
+            },
+            "rng": rngs,
+            "loader": [ckpt_mod.encode_object(s) for s in loaders],
+            "config": config_to_dict(self.cfg),
+        }
+        return str(ckpt_mod.save_checkpoint(self.out, state, keep_last=self.cfg.train.keep_last))
+
+    # -------------------------------------------------------------------------------------------------- train
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+    def _train_step(self, it) -> tuple[float | None, bool, float]:
+        """One optimizer step over ``accum`` micro-batches. Returns (rank-mean loss or None, applied, lr)."""
+        info, dev, accum = self.info, self.info.device, self.accum
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
+        for a in range(accum):
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"data loader ended after fewer batches than len(loader)={len(self.loader)} promised "
+                    f"(step {self.step + 1}, micro-batch {a})"
+                ) from None
+            imgs = batch.images.to(dev, non_blocking=True)
+            with grad_sync(self.model, a == accum - 1):
+                with self._autocast():
+                    loss, _, _ = self.model(imgs, self.cfg.model.mask_ratio)
+                loss_d = loss.detach().float()
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss_d
+        # every rank takes the same decision: MIN of the finite flags
+        finite = torch.isfinite(loss_sum).to(torch.float32).reshape(1)
+        all_reduce_min(finite, info)
+        mean = all_reduce_sum((loss_sum / accum).reshape(1), info) / info.world_size
+        ok, loss_val = (v for v in torch.cat([finite, mean]).tolist())
+        lr = lr_at(
+            self.sched_step,
+            peak=self.peak_lr,
+            min_lr=self.cfg.optim.min_lr,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.total_steps,
+        )
+        applied = False
+        if ok:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if self.cfg.optim.clip_grad is not None:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.clip_grad)
+            if self.scaler is not None:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                applied = self.scaler.get_scale() >= scale  # the scaler skips steps with inf/nan gradients
+            else:
+                self.optimizer.step()
+                applied = True
+            if applied:
+                self.sched_step += 1
+        elif self.cfg.train.nan_policy == "stop":
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: the loss is not finite ({loss_val}) on at least one rank; stopping "
+                f"(train.nan_policy=stop). The last checkpoint is in {str(self.out)!r}. Lower optim.blr / set "
+                "optim.clip_grad, or pass train.nan_policy=skip to drop such steps and continue."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        return (loss_val if ok else None), applied, lr
+
+    def run(self) -> RunResult:
+        self.setup()
+        t, info = self.cfg.train, self.info
+        result = RunResult(
+            step=self.step,
+            start_step=self.start_step,
+            out_dir=str(self.out),
+            resumed_from=self.resumed_from,
+            world_size=info.world_size,
+            metrics=str(self.out / "metrics.jsonl"),
+        )
+        result.checkpoint = self.resumed_from
+        if self._rng_to_restore is not None:
+            ckpt_mod.restore_rng_state(self._rng_to_restore, info.device)
+        else:
+            _seed_all(t.seed + 1000003 * info.rank)  # each rank its own masking noise
+        peak = peak_flops(info.device)
+        self.model.train()
+        t_window, steps_window = time.perf_counter(), 0
+        t_first, imgs_after_first = None, 0
+        if self.step >= self.stop:
+            self.log(f"nothing to do: step {self.step} >= {self.stop}")
+        while self.step < self.stop:
+            epoch = self.step // self.steps_per_epoch
+            it = iter(self.loader)
+            while self.step < self.stop and self.step // self.steps_per_epoch == epoch:
+                loss, applied, lr = self._train_step(it)
+                self.step += 1
+                if loss is None:
+                    self.skipped += 1
+                    self.skipped_steps.append(self.step)
+                    self.log(
+                        f"warning: step {self.step}: non-finite loss, update skipped (train.nan_policy=skip; "
+                        f"{self.skipped} skipped so far)"
+                    )
+                result.losses.append(loss)
+                if self.step % self.steps_per_epoch == 0:
+                    for _ in it:  # the epoch's leftover micro-batches (< accum_steps): the next iter() is a new epoch
+                        pass
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                else:
+                    imgs_after_first += self.eff_batch
+                steps_window += 1
+                if self.main:
+                    rec = {
+                        "step": self.step,
+                        "epoch": round(self.step / self.steps_per_epoch, 6),
+                        "loss": loss,
+                        "lr": lr,
+                        "skipped": loss is None or not applied,
+                    }
+                    self.metrics_file.write(json.dumps(rec) + "\n")
+                if self.step % t.log_every == 0 or self.step == self.stop:
+                    ips = steps_window * self.eff_batch / max(now - t_window, 1e-9)
+                    mfu = None
+                    if peak and self.flops_per_image:
+                        mfu = self.flops_per_image * ips / (peak * info.world_size)
+                    shown = "nan (skipped)" if loss is None else f"{loss:.4f}"
+                    self.log(
+                        f"step {self.step:>6}/{self.stop} | epoch {self.step / self.steps_per_epoch:6.2f} | "
+                        f"loss {shown} | lr {_fmt_lr(lr)} | {ips:8.1f} img/s | "
+                        f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
+                    )
+                    if self.main and self.tb is not None:
+                        if loss is not None:
+                            self.tb.add_scalar("train/loss", loss, self.step)
+                        self.tb.add_scalar("train/lr", lr, self.step)
+                        self.tb.add_scalar("perf/img_per_sec", ips, self.step)
+                        if mfu is not None:
+                            self.tb.add_scalar("perf/mfu", mfu, self.step)
+                        self.tb.flush()
+                    t_window, steps_window = time.perf_counter(), 0
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == self.stop:
+                    path = self._checkpoint()
+                    if path:
+                        result.checkpoint = path
+                if self.on_step is not None:
+                    self.on_step(self.step, self.module, {"loss": loss, "lr": lr, "skipped": loss is None})
+        result.step, result.skipped, result.skipped_steps = self.step, self.skipped, list(self.skipped_steps)
+        if t_first is not None and imgs_after_first:
+            result.images_per_sec = imgs_after_first / max(time.perf_counter() - t_first, 1e-9)
+        if self.main:
+            self.metrics_file.close()
+            if self.tb is not None:
+                self.tb.close()
+                result.tensorboard = str(self.tb_dir)
+            self.log(f"done: step {self.step}/{self.stop}, {self.skipped} skipped step(s)")
+            self.log(f"  checkpoint : {result.checkpoint}")
+            self.log(f"  metrics    : {result.metrics}")
+            self.log(f"  tensorboard: {'tensorboard --logdir ' + str(self.tb_dir) if self.tb_dir else 'off'}")
+        return result
+
+
+def pretrain(cfg: RunConfig, *, on_step: Callable[[int, nn.Module, dict], None] | None = None) -> RunResult:
+    """Run (or resume) pretraining as configured; in one process or as one rank of a ``torchrun`` job.
+
+    Args:
+        cfg: the run config (:func:`mimfast.train.get_config`).
+        on_step: optional ``on_step(step, model, metrics)`` called on every rank after each optimizer step (and
+            after that step's checkpoint), with the unwrapped model and ``{"loss", "lr", "skipped"}``.
+
+    Raises:
+        ConfigError: bad config / paths / resume target (before any training).
+        NonFiniteLossError: a non-finite loss under ``train.nan_policy=stop``.
+    """
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(f"cfg: expected a RunConfig, got {type(cfg).__name__}")
+    cfg.check_paths()
+    # process-wide torch settings the run changes (threads, determinism) are restored afterwards
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    info = init_distributed(cfg.train.device)
+    try:
+        result = _Run(cfg, info, on_step).run()
+        barrier(info)  # every rank is past its last collective before the group goes away
+        return result
+    finally:
+        cleanup_distributed(info)
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        sys.stdout.flush()
