@@ -65,3 +65,34 @@ def shape_id(shape) -> str:
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_spawned_ranks(target, args_of_rank, tmp_path, world: int = 2, timeout: float = 240) -> None:
+    """Start ``target(*args_of_rank(r))`` for ranks 0..world-1 in spawned processes and wait for all of them.
+
+    Fails the test if a rank does not exit with status 0, showing ``tmp_path/error<r>.txt`` (where workers write
+    their traceback) when present. A rank still running after ``timeout`` seconds is killed.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args_of_rank(r)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            p.kill()
+            p.join()
+        err = tmp_path / f"error{r}.txt"
+        assert p.exitcode == 0, f"rank {r} exit {p.exitcode}\n" + (err.read_text() if err.exists() else "")

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 
 import torch
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, run_spawned_ranks
 
 
 def _batch(rank: int, step: int) -> torch.Tensor:
@@ -46,18 +40,8 @@ def _worker(rank: int, port: int, out_dir: str, kwargs: dict) -> None:
 
 
 def _run(tmp_path, kwargs):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), kwargs)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for r, p in enumerate(procs):
-        if p.is_alive():
-            p.kill()
-        err = tmp_path / f"error{r}.txt"
-        assert p.exitcode == 0, f"rank {r} exit {p.exitcode}\n" + (err.read_text() if err.exists() else "")
+    port = free_port()
+    run_spawned_ranks(_worker, lambda r: (r, port, str(tmp_path), kwargs), tmp_path)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port, run_spawned_ranks
 from mimfast.models import create_model
 from mimfast.train import (
     CheckpointError,
@@ -461,12 +461,6 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank: int, ports: list[int], tmp: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       TRITON_INTERPRET="0")  # fmt: skip
@@ -529,20 +523,8 @@ def _dist_worker(rank: int, ports: list[int], tmp: str) -> None:
 
 @needs_dali
 def test_two_process_gloo_ddp_nan_guard_and_fsdp2(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    ports = [_free_port() for _ in range(4)]
-    procs = [ctx.Process(target=_dist_worker, args=(r, ports, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for r, p in enumerate(procs):
-        if p.is_alive():
-            p.kill()
-        err = tmp_path / f"error{r}.txt"
-        assert p.exitcode == 0, f"rank {r} exit {p.exitcode}\n" + (err.read_text() if err.exists() else "")
+    ports = [free_port() for _ in range(4)]
+    run_spawned_ranks(_dist_worker, lambda r: (r, ports, str(tmp_path)), tmp_path)
     d0, d1 = (torch.load(tmp_path / f"ddp{r}.pt", weights_only=False) for r in range(2))
 
     # DDP: replicas identical after every step, finite, and the NaN on rank 1 alone was skipped by both ranks
