@@ -9,6 +9,7 @@ plain-torch references, which the kernel tests cover separately; through the int
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -41,6 +42,8 @@ from mimfast.train import (
     scaled_lr,
 )
 from mimfast.train import checkpoint as ckpt_mod
+from mimfast.train import progress as progress_mod
+from mimfast.train.progress import ProgressBar, format_duration
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,6 +143,7 @@ def test_overrides_coerce_to_the_field_types():
         ("optim.accum_steps=0", r"optim\.accum_steps: expected None or an int >= 1, got 0"),
         ("train.dist=zero3", r"train\.dist=.zero3.: expected one of ddp, fsdp2"),
         ("train.nan_policy=ignore", r"expected one of stop, skip"),
+        ("train.progress=fancy", r"train\.progress=.fancy.: expected one of auto, bar, lines"),
     ],
 )
 def test_bad_overrides_give_clear_errors(override, match):
@@ -215,10 +219,56 @@ def test_weight_decay_groups_follow_mae():
 
 
 # ------------------------------------------------------------------------------------------------ training run
+def test_progress_bar_draws_in_place_and_yields_to_lines(monkeypatch, capsys):
+    clock = [100.0]
+    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
+    err = io.StringIO()
+    bar = ProgressBar(10, 20, live=True, stream=err, max_hz=1.0)
+    assert bar.eta(10) is None
+    bar.update(11, 0.5, 1e-3, None, None)  # the first step: start-up, not in the rate
+    first = "step 11/20 [##......................]  10% | loss 0.5000 | lr 1.00e-03 | ? img/s | mfu n/a | 0:00<?"
+    assert err.getvalue() == "\r\x1b[K" + first
+    clock[0] += 0.5
+    bar.update(12, 0.4, 1e-3, 64.0, 0.25)  # within 1 / max_hz of the last draw: not redrawn
+    assert err.getvalue().count("\r") == 1
+    clock[0] += 1.5  # 2 s for 2 steps after the first: 1 s per step, 7 steps left
+    bar.update(13, None, 2e-3, 1234.5, 0.25)
+    assert bar.eta(13) == pytest.approx(7.0)
+    third = "step 13/20 [#######.................]  30% | loss nan | lr 2.00e-03 | 1,234 img/s | mfu 25.0% | 0:02<0:07"
+    assert err.getvalue().endswith(third)
+    n = len(err.getvalue())
+    bar.line("step     13/20 | a permanent line")
+    assert capsys.readouterr().out == "step     13/20 | a permanent line\n"
+    assert err.getvalue()[n:] == "\r\x1b[K" + bar.text  # erased before the line, redrawn after
+    clock[0] += 0.01
+    bar.update(20, 0.3, 0.0, 1000.0, None)  # the last step is always drawn
+    assert "step 20/20 [########################] 100%" in err.getvalue()[n:]
+    bar.close()
+    assert err.getvalue().endswith("\r\x1b[K")
+    quiet = io.StringIO()
+    lines_only = ProgressBar(0, 5, live=False, stream=quiet)
+    lines_only.update(1, 0.5, 1e-3, 10.0, None)
+    lines_only.line("x")
+    lines_only.close()
+    assert quiet.getvalue() == "" and capsys.readouterr().out == "x\n"
+
+
+def test_progress_mode_and_durations():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert ProgressBar.wanted("bar", io.StringIO()) and not ProgressBar.wanted("lines", Tty())
+    assert ProgressBar.wanted("auto", Tty()) and not ProgressBar.wanted("auto", io.StringIO())
+    assert [format_duration(x) for x in (None, -1.0, float("nan"), 0, 59.6, 61, 3600 * 2 + 65)] == [
+        "?", "?", "?", "0:00", "1:00", "1:01", "2:01:05"]  # fmt: skip
+
+
 @needs_dali
 def test_debug_pretraining_lowers_the_loss(tmp_path, capsys, no_interpreter):
     out = tmp_path / "run"
-    cfg = _debug(out, "train.max_steps=30", "train.ckpt_every=10", "train.log_every=10", "train.tensorboard=true")
+    cfg = _debug(out, "train.max_steps=30", "train.ckpt_every=10", "train.log_every=10", "train.tensorboard=true",
+                 "train.progress=bar")  # fmt: skip
     if not HAS_TENSORBOARD:  # the clear error, then the same run without TensorBoard
         with pytest.raises(ConfigError, match=r"train\.tensorboard=true needs the tensorboard package"):
             pretrain(cfg)
@@ -253,8 +303,10 @@ def test_debug_pretraining_lowers_the_loss(tmp_path, capsys, no_interpreter):
     assert len(ck["rng"]) == 1 and len(ck["loader"]) == 1
     if HAS_TENSORBOARD:
         assert list(Path(res.tensorboard).glob("events.out.tfevents.*"))
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "step     30/30" in text and "mfu n/a" in text and "img/s" in text
+    assert "\r" not in text and "step 30/30 [########################] 100% | loss" in captured.err  # bar on stderr
     assert (
         f"checkpoint : {res.checkpoint}" in text
         and "metrics    :" in text
@@ -338,6 +390,32 @@ def test_cpu_precisions(tmp_path, capsys, no_interpreter):
     out = capsys.readouterr().out
     assert "fp16 is not supported on the CPU; running fp32" in out and "| fp32" in out
     assert load_checkpoint(tmp_path / "fp16")["scaler"] is None
+
+
+@pytest.mark.gpu
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 / fp16 + GradScaler, fused AdamW, MFU)")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_precisions_fused_adamw_mfu_and_exact_resume(tmp_path, capsys, precision):
+    # the Triton kernels on the GPU, the `mixed` decoder feeding them, fused AdamW, fp16's GradScaler in the
+    # checkpoint, an MFU figure in the progress line, and a resume that replays the uninterrupted run bit for bit
+    common = ["train.device=cuda", f"train.precision={precision}", "train.batch_size=32", "train.log_every=1",
+              "data.decode=mixed"]  # fmt: skip
+    full = pretrain(_debug(tmp_path / "full", *common, "train.max_steps=6"))
+    out = capsys.readouterr().out
+    assert f"1 x cuda | {precision}" in out, out
+    assert "mfu n/a" not in out or not any(k in torch.cuda.get_device_name() for k in ("H100", "H200", "A100"))
+    first = pretrain(_debug(tmp_path / "split", *common, "train.max_steps=3"))
+    rest = pretrain(_debug(tmp_path / "split", *common, "train.max_steps=6", "train.resume=auto"))
+    assert all(math.isfinite(x) for x in full.losses) and len(full.losses) == 6
+    assert first.losses + rest.losses == full.losses
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "split")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(g.get("fused") for g in a["optimizer"]["param_groups"])  # torch's fused AdamW on CUDA
+    if precision == "fp16":
+        assert a["scaler"] is not None and a["scaler"]["scale"] > 0 and a["scaler"] == b["scaler"]
+    else:
+        assert a["scaler"] is None
 
 
 @needs_dali
@@ -566,14 +644,58 @@ def test_two_process_gloo_ddp_nan_guard_and_fsdp2(tmp_path):
 
 
 @needs_dali
-def test_torchrun_cli_launch(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mimfast.cli",
-           "pretrain", "--config", "mae_debug", "train.max_steps=3", "train.batch_size=8", "train.log_every=1",
-           f"out={tmp_path}"]  # fmt: skip
-    done = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+def test_torchrun_cli_launch_one_node_and_two_nodes(tmp_path):
+    job = ["-m", "mimfast.cli", "pretrain", "--config", "mae_debug", "train.max_steps=3", "train.batch_size=8",
+           "train.log_every=1"]  # fmt: skip
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    one = tmp_path / "one_node"
+    done = subprocess.run([*run, "--standalone", "--nproc_per_node", "2", *job, f"out={one}"], env=_subprocess_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 x cpu (ddp, gloo)" in done.stdout
     assert [done.stdout.count(f"step      {s}/3") for s in (1, 2, 3)] == [1, 1, 1]  # rank 0 only
-    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]
-    ck = load_checkpoint(tmp_path)
+    assert [r["step"] for r in _metrics(one)] == [1, 2, 3]
+    ck = load_checkpoint(one)
     assert ck["step"] == 3 and len(ck["loader"]) == 2 and ck["train"]["world_size"] == 2
+
+    # the same job as 2 nodes x 1 process (static rendezvous on this host, as on a cluster): both ranks have
+    # LOCAL_RANK=0, so anything keyed on the local rank instead of RANK (data shards, who logs, who writes the
+    # checkpoint) would change the losses or duplicate the output
+    two = tmp_path / "two_nodes"
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                *run,
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(n),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                *job,
+                f"out={two}",
+            ],
+            env=_subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for n in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(outs)
+    assert "2 x cpu (ddp, gloo)" in outs[0] and [outs[0].count(f"step      {s}/3") for s in (1, 2, 3)] == [1, 1, 1]
+    assert "step " not in outs[1] and "checkpoint" not in outs[1]
+    assert _metrics(two) == _metrics(one)  # bit-identical losses and lrs
+    ck2 = load_checkpoint(two)
+    assert all(torch.equal(ck2["model"][k], v) for k, v in ck["model"].items())
+    assert [ckpt_mod.decode_object(x) for x in ck2["loader"]] == [ckpt_mod.decode_object(x) for x in ck["loader"]]

@@ -188,7 +188,10 @@ def test_non_finite_rows_and_codes():
     assert not ((idx[ok] == 1) | (idx[ok] == 3)).any() and torch.isfinite(dist[ok]).all()
     clean = torch.stack([e[0], e[2], e[4], e[5]])
     ci, cd, _ = vq_search(x[ok], clean)
-    assert torch.equal(idx[ok], torch.tensor([0, 2, 4, 5], device=DEVICE)[ci]) and torch.equal(dist[ok], cd)
+    assert torch.equal(idx[ok], torch.tensor([0, 2, 4, 5], device=DEVICE)[ci])
+    # same codes, same distances up to fp32 rounding: the two launches have different tile shapes, and the CPU BLAS
+    # behind the interpreter's tl.dot may order a sum differently per shape (bit-equal on some CPUs, not on all)
+    torch.testing.assert_close(dist[ok], cd, rtol=1e-6, atol=1e-6)
     assert int(counts.sum()) == 8
     with pytest.raises(ValueError, match=r"x contains NaN/inf.*nan_policy='mask'"):
         mimfast.vq_search(x, e)

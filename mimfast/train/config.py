@@ -158,6 +158,7 @@ Precision = Literal["bf16", "fp16", "fp32"]
 DistMode = Literal["ddp", "fsdp2"]
 NanPolicy = Literal["stop", "skip"]
 Device = Literal["auto", "cuda", "cpu"]
+Progress = Literal["auto", "bar", "lines"]
 
 
 @dataclass
@@ -192,6 +193,10 @@ class TrainConfig:
     """Checkpoints kept in ``out_dir``; older ones are deleted after a newer one is complete."""
     log_every: int = 20
     """Print one progress line (and TensorBoard scalars) every this many steps; metrics.jsonl gets every step."""
+    progress: Progress = "auto"
+    """``bar``: also a live progress bar (step, loss, lr, img/s, MFU, elapsed<remaining), redrawn in place on
+    stderr between the progress lines; ``lines``: the lines alone (logs, torchrun, clusters); ``auto``: the bar when
+    stderr is a terminal."""
     seed: int = 0
     """Seed of the model initialisation (same on every rank) and of each rank's masking noise (seed + rank)."""
     nan_policy: NanPolicy = "stop"
@@ -221,7 +226,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (_is_int(v) and v >= 1):
                 _fail(s, name, "None or an int >= 1", v)
-        for name, tp in (("precision", Precision), ("dist", DistMode), ("nan_policy", NanPolicy), ("device", Device)):
+        for name, tp in (("precision", Precision), ("dist", DistMode), ("nan_policy", NanPolicy), ("device", Device),
+                         ("progress", Progress)):  # fmt: skip
             choices = typing.get_args(tp)
             if getattr(self, name) not in choices:
                 _fail(s, name, f"one of {', '.join(choices)}", getattr(self, name))

@@ -6,9 +6,10 @@ every update). Each step's loss is averaged over micro-batches and ranks; its fi
 every rank takes the same stop / skip decision and no rank is left waiting in a collective.
 
 Per step, rank 0 appends ``{"step", "epoch", "loss", "lr", "skipped"}`` to ``out_dir/metrics.jsonl``; every
-``log_every`` steps it prints a progress line (step/total, loss, lr, img/s, MFU) and, when enabled, writes the same
-scalars to TensorBoard (``out_dir/tb``). Checkpoints (:mod:`mimfast.train.checkpoint`) go to ``out_dir`` every
-``ckpt_every`` steps and after the last step.
+``log_every`` steps it prints a progress line (step/total, loss, lr, img/s, MFU, elapsed<remaining) and, when
+enabled, writes the same scalars to TensorBoard (``out_dir/tb``). On a terminal (``train.progress``) a live bar on
+stderr shows the same between the lines (:mod:`mimfast.train.progress`). Checkpoints
+(:mod:`mimfast.train.checkpoint`) go to ``out_dir`` every ``ckpt_every`` steps and after the last step.
 
 Exact resume: a checkpoint is written only at a step boundary and holds the model, optimizer, scaler, counters,
 every rank's RNG states and every rank's data-loader position. A resumed run therefore replays the remaining steps
@@ -51,6 +52,7 @@ from .distributed import (
     init_distributed,
     wrap_model,
 )
+from .progress import ProgressBar, format_duration
 
 __all__ = ["NonFiniteLossError", "RunResult", "param_groups", "peak_flops", "pretrain"]
 
@@ -178,7 +180,11 @@ class _Run:
 
     def log(self, msg: str) -> None:
         if self.main:
-            print(msg, flush=True)
+            bar = getattr(self, "progress", None)
+            if bar is not None:
+                bar.line(msg)
+            else:
+                print(msg, flush=True)
 
     # -------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -345,6 +351,7 @@ class _Run:
             "train.out_dir",
             "train.max_steps",
             "train.log_every",
+            "train.progress",
             "train.ckpt_every",
             "train.keep_last",
             "train.tensorboard",
@@ -525,12 +532,33 @@ class _Run:
             ckpt_mod.restore_rng_state(self._rng_to_restore, info.device)
         else:
             _seed_all(t.seed + 1000003 * info.rank)  # each rank its own masking noise
-        peak = peak_flops(info.device)
         self.model.train()
-        t_window, steps_window = time.perf_counter(), 0
-        t_first, imgs_after_first = None, 0
         if self.step >= self.stop:
             self.log(f"nothing to do: step {self.step} >= {self.stop}")
+        self.progress = ProgressBar(self.start_step, self.stop, live=self.main and ProgressBar.wanted(t.progress))
+        try:
+            self._loop(result)
+        finally:
+            self.progress.close()
+            self.progress = None
+        result.step, result.skipped, result.skipped_steps = self.step, self.skipped, list(self.skipped_steps)
+        if self.main:
+            self.metrics_file.close()
+            if self.tb is not None:
+                self.tb.close()
+                result.tensorboard = str(self.tb_dir)
+            self.log(f"done: step {self.step}/{self.stop}, {self.skipped} skipped step(s)")
+            self.log(f"  checkpoint : {result.checkpoint}")
+            self.log(f"  metrics    : {result.metrics}")
+            self.log(f"  tensorboard: {'tensorboard --logdir ' + str(self.tb_dir) if self.tb_dir else 'off'}")
+        return result
+
+    def _loop(self, result: RunResult) -> None:
+        t, info, bar = self.cfg.train, self.info, self.progress
+        peak = peak_flops(info.device)
+        t_window, steps_window = time.perf_counter(), 0
+        t_first, imgs_after_first = None, 0
+        t_prev, ips_ema = None, None  # the bar's img/s: an exponential average of per-step rates
         while self.step < self.stop:
             epoch = self.step // self.steps_per_epoch
             it = iter(self.loader)
@@ -553,6 +581,10 @@ class _Run:
                     t_first = now
                 else:
                     imgs_after_first += self.eff_batch
+                if t_prev is not None:
+                    rate = self.eff_batch / max(now - t_prev, 1e-9)
+                    ips_ema = rate if ips_ema is None else 0.9 * ips_ema + 0.1 * rate
+                t_prev = now
                 steps_window += 1
                 if self.main:
                     rec = {
@@ -563,16 +595,17 @@ class _Run:
                         "skipped": loss is None or not applied,
                     }
                     self.metrics_file.write(json.dumps(rec) + "\n")
+                    mfu_now = self._mfu(ips_ema, peak)
+                    bar.update(self.step, loss, lr, ips_ema, mfu_now)
                 if self.step % t.log_every == 0 or self.step == self.stop:
                     ips = steps_window * self.eff_batch / max(now - t_window, 1e-9)
-                    mfu = None
-                    if peak and self.flops_per_image:
-                        mfu = self.flops_per_image * ips / (peak * info.world_size)
+                    mfu = self._mfu(ips, peak)
                     shown = "nan (skipped)" if loss is None else f"{loss:.4f}"
                     self.log(
                         f"step {self.step:>6}/{self.stop} | epoch {self.step / self.steps_per_epoch:6.2f} | "
                         f"loss {shown} | lr {_fmt_lr(lr)} | {ips:8.1f} img/s | "
-                        f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'}"
+                        f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'} | "
+                        f"{format_duration(bar.elapsed(now))}<{format_duration(bar.eta(self.step, now))}"
                     )
                     if self.main and self.tb is not None:
                         if loss is not None:
@@ -589,19 +622,14 @@ class _Run:
                         result.checkpoint = path
                 if self.on_step is not None:
                     self.on_step(self.step, self.module, {"loss": loss, "lr": lr, "skipped": loss is None})
-        result.step, result.skipped, result.skipped_steps = self.step, self.skipped, list(self.skipped_steps)
         if t_first is not None and imgs_after_first:
             result.images_per_sec = imgs_after_first / max(time.perf_counter() - t_first, 1e-9)
-        if self.main:
-            self.metrics_file.close()
-            if self.tb is not None:
-                self.tb.close()
-                result.tensorboard = str(self.tb_dir)
-            self.log(f"done: step {self.step}/{self.stop}, {self.skipped} skipped step(s)")
-            self.log(f"  checkpoint : {result.checkpoint}")
-            self.log(f"  metrics    : {result.metrics}")
-            self.log(f"  tensorboard: {'tensorboard --logdir ' + str(self.tb_dir) if self.tb_dir else 'off'}")
-        return result
+
+    def _mfu(self, ips: float | None, peak: float | None) -> float | None:
+        """Model FLOP utilisation at ``ips`` images/s over all ranks (None without a known peak or FLOP count)."""
+        if ips is None or not peak or not self.flops_per_image:
+            return None
+        return self.flops_per_image * ips / (peak * self.info.world_size)
 
 
 def pretrain(cfg: RunConfig, *, on_step: Callable[[int, nn.Module, dict], None] | None = None) -> RunResult:
