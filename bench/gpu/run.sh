@@ -46,7 +46,9 @@ install_dali() {
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   say "unpacking DALI into $site"
-  cat "$STASH"/site.tar.xz.part* | xz -dc -T0 | tar -C "$site" -xf - || return 1
+  local unxz=(xz -dc -T0)
+  command -v xz >/dev/null || unxz=(python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)")
+  cat "$STASH"/site.tar.xz.part* | "${unxz[@]}" | tar -C "$site" -xf - || return 1
   python3 -c "import nvidia.dali as d; print('DALI', d.__version__)" 2>&1 | tee -a "$LOG"
 }
 

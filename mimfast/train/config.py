@@ -341,7 +341,7 @@ def _mae_preset(name: str, model: str, batch_size: int) -> RunConfig:
 
 def _mae_debug() -> RunConfig:
     # The README's main job: the tiny debug model on mimfast.data's built-in dataset (2000 generated 64 px JPEGs,
-    # 32 px crops), 45 epochs of 62 steps, about 4-5 min on 2 CPU cores, deterministic so that resume is bit-exact.
+    # 32 px crops), 45 epochs of 62 steps, about 3-5 min on 2 CPU cores, deterministic so that resume is bit-exact.
     # The blr is large because the effective batch is tiny: lr = 0.04 * 32 / 256 = 5e-3. Measured (CPU, torch 2.13,
     # linear probe vs random encoders): below them after 10 epochs, above with the class token only after 30, above
     # with both poolings after 45 (README). Tests shorten the run with train.max_steps.
