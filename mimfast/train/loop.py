@@ -177,12 +177,12 @@ class _Run:
         self.cfg, self.info, self.on_step = cfg, info, on_step
         self.main = info.is_main
         self.out = Path(cfg.train.out_dir)
+        self.progress: ProgressBar | None = None  # while the steps run: lines go through it (erasing the bar)
 
     def log(self, msg: str) -> None:
         if self.main:
-            bar = getattr(self, "progress", None)
-            if bar is not None:
-                bar.line(msg)
+            if self.progress is not None:
+                self.progress.line(msg)
             else:
                 print(msg, flush=True)
 
@@ -556,9 +556,7 @@ class _Run:
     def _loop(self, result: RunResult) -> None:
         t, info, bar = self.cfg.train, self.info, self.progress
         peak = peak_flops(info.device)
-        t_window, steps_window = time.perf_counter(), 0
-        t_first, imgs_after_first = None, 0
-        t_prev, ips_ema = None, None  # the bar's img/s: an exponential average of per-step rates
+        t_window, steps_window = time.perf_counter(), 0  # img/s and MFU over the steps since the last line
         while self.step < self.stop:
             epoch = self.step // self.steps_per_epoch
             it = iter(self.loader)
@@ -577,15 +575,10 @@ class _Run:
                     for _ in it:  # the epoch's leftover micro-batches (< accum_steps): the next iter() is a new epoch
                         pass
                 now = time.perf_counter()
-                if t_first is None:
-                    t_first = now
-                else:
-                    imgs_after_first += self.eff_batch
-                if t_prev is not None:
-                    rate = self.eff_batch / max(now - t_prev, 1e-9)
-                    ips_ema = rate if ips_ema is None else 0.9 * ips_ema + 0.1 * rate
-                t_prev = now
                 steps_window += 1
+                ips = steps_window * self.eff_batch / max(now - t_window, 1e-9)
+                mfu = self._mfu(ips, peak)
+                bar.update(self.step, loss, lr, ips, mfu)  # every rank keeps the timing; rank 0 draws
                 if self.main:
                     rec = {
                         "step": self.step,
@@ -595,11 +588,7 @@ class _Run:
                         "skipped": loss is None or not applied,
                     }
                     self.metrics_file.write(json.dumps(rec) + "\n")
-                    mfu_now = self._mfu(ips_ema, peak)
-                    bar.update(self.step, loss, lr, ips_ema, mfu_now)
                 if self.step % t.log_every == 0 or self.step == self.stop:
-                    ips = steps_window * self.eff_batch / max(now - t_window, 1e-9)
-                    mfu = self._mfu(ips, peak)
                     shown = "nan (skipped)" if loss is None else f"{loss:.4f}"
                     self.log(
                         f"step {self.step:>6}/{self.stop} | epoch {self.step / self.steps_per_epoch:6.2f} | "
@@ -622,8 +611,9 @@ class _Run:
                         result.checkpoint = path
                 if self.on_step is not None:
                     self.on_step(self.step, self.module, {"loss": loss, "lr": lr, "skipped": loss is None})
-        if t_first is not None and imgs_after_first:
-            result.images_per_sec = imgs_after_first / max(time.perf_counter() - t_first, 1e-9)
+        rate = bar.steps_per_sec()
+        if rate:
+            result.images_per_sec = rate * self.eff_batch
 
     def _mfu(self, ips: float | None, peak: float | None) -> float | None:
         """Model FLOP utilisation at ``ips`` images/s over all ranks (None without a known peak or FLOP count)."""

@@ -52,7 +52,7 @@ class ProgressBar:
         self.width, self.min_dt = width, 1.0 / max_hz
         self.t0 = time.perf_counter()
         self.t_first: float | None = None  # end of the first step: start-up and compilation are not in the rate
-        self.step_first = start
+        self.step_first = self.step = start
         self.last_draw = 0.0
         self.drawn = False
         self.text = ""
@@ -70,12 +70,18 @@ class ProgressBar:
         except (AttributeError, ValueError):
             return False
 
-    def eta(self, step: int, now: float | None = None) -> float | None:
-        """Seconds to ``stop`` at the mean step time since the first step (None before two steps)."""
+    def steps_per_sec(self, step: int | None = None, now: float | None = None) -> float | None:
+        """Mean rate since the end of the first step (start-up excluded); None before a second step."""
         now = time.perf_counter() if now is None else now
-        if self.t_first is None or step <= self.step_first:
+        step = self.step if step is None else step
+        if self.t_first is None or step <= self.step_first or now <= self.t_first:
             return None
-        return (self.stop - step) * (now - self.t_first) / (step - self.step_first)
+        return (step - self.step_first) / (now - self.t_first)
+
+    def eta(self, step: int, now: float | None = None) -> float | None:
+        """Seconds to ``stop`` at :meth:`steps_per_sec` (None before two steps)."""
+        rate = self.steps_per_sec(step, now)
+        return None if rate is None else (self.stop - step) / rate
 
     def elapsed(self, now: float | None = None) -> float:
         return (time.perf_counter() if now is None else now) - self.t0
@@ -83,6 +89,7 @@ class ProgressBar:
     def update(self, step: int, loss: float | None, lr: float, ips: float | None, mfu: float | None) -> None:
         """After each optimizer step: record timing and redraw the bar (throttled)."""
         now = time.perf_counter()
+        self.step = step
         if self.t_first is None:
             self.t_first, self.step_first = now, step
         if not self.live or (now - self.last_draw < self.min_dt and step < self.stop):
