@@ -19,8 +19,9 @@ from .builtin import (
     make_builtin_dataset,
     make_webdataset_shards,
 )
+from .errors import DataError, DataPathError, DataValueError, UndecodableImageError
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, Batch, DataConfig, MIMLoader, build_loader, denormalize
-from .validate import ValidationReport, add_validate_arguments, cmd_validate, validate_dataset
+from .validate import ValidationReport, add_validate_arguments, cmd_validate, find_undecodable, validate_dataset
 
 __all__ = [
     "BUILTIN_CLASSES",
@@ -28,13 +29,18 @@ __all__ = [
     "IMAGENET_STD",
     "Batch",
     "DataConfig",
+    "DataError",
+    "DataPathError",
+    "DataValueError",
     "MIMLoader",
+    "UndecodableImageError",
     "ValidationReport",
     "add_validate_arguments",
     "build_loader",
     "cmd_validate",
     "default_builtin_root",
     "denormalize",
+    "find_undecodable",
     "list_folder_split",
     "make_builtin_dataset",
     "make_webdataset_shards",

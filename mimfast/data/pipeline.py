@@ -33,7 +33,12 @@ Design (what DALI gives us, and where we take control)
   the full image. With ``device_id`` the JPEG decode is DALI's ``mixed`` (nvJPEG / hardware decoder) and every output
   lives on that GPU; with ``device_id=None`` the same graph runs on the CPU (CI).
 
-A file DALI cannot decode aborts the pipeline mid-epoch: run :func:`mimfast.data.validate_dataset` first.
+A file DALI cannot decode aborts the pipeline mid-epoch: run :func:`mimfast.data.validate_dataset` first. When it
+happens anyway, the loader finds the file among the batch that failed and the ones DALI had prefetched (folder
+format: the exact file list of the epoch is known) and raises :class:`UndecodableImageError` naming it.
+
+Errors about the dataset or the loader's arguments are :class:`DataError` s whose ``key`` names the
+:class:`DataConfig` field or :func:`build_loader` argument at fault, so a launcher can name its own config key.
 """
 
 from __future__ import annotations
@@ -53,8 +58,22 @@ import numpy as np
 import torch
 
 from .builtin import MANIFEST, _wds_key_ext, default_builtin_root, list_folder_split, make_builtin_dataset
+from .errors import DataError, DataPathError, DataValueError, UndecodableImageError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Batch", "DataConfig", "MIMLoader", "build_loader", "denormalize"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Batch",
+    "DataConfig",
+    "DataError",
+    "DataPathError",
+    "DataValueError",
+    "MIMLoader",
+    "UndecodableImageError",
+    "build_loader",
+    "denormalize",
+]
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -229,14 +248,23 @@ class _FolderSource:
     def __init__(self, split_dir: Path) -> None:
         self.path = split_dir
         classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+        tars = any(p.suffix == ".tar" for p in split_dir.iterdir())
+        hint = " (it holds .tar shards: use format='wds')" if tars else ""
         if not classes:
-            raise ValueError(f"DataConfig.root: {split_dir} has no class folders "
-                             f"(expected {split_dir}/<class>/<image>)")  # fmt: skip
+            raise DataValueError("root" if not tars else "format", f"DataConfig.root: {split_dir} has no class folders "
+                                 f"(expected {split_dir}/<class>/<image>){hint}")  # fmt: skip
         self.class_names, self.files, labels = list_folder_split(split_dir)
         if not self.files:
-            raise ValueError(f"DataConfig.root: the class folders of {split_dir} hold no image files "
-                             f"(.jpg/.jpeg/.png/...); expected {split_dir}/<class>/<image>")  # fmt: skip
+            raise DataValueError("root", f"DataConfig.root: the class folders of {split_dir} hold no image files "
+                                 f"(.jpg/.jpeg/.png/...); expected {split_dir}/<class>/<image>")  # fmt: skip
         self.labels = np.asarray(labels, dtype=np.int64)
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        empty = [self.class_names[i] for i in np.flatnonzero(counts == 0).tolist()]
+        if empty:
+            shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} in all)" if len(empty) > 5 else "")
+            warnings.warn(f"DataConfig.root: {len(empty)} class folder(s) of {split_dir} hold no image: {shown}; "
+                          "each still takes a label id (classes are numbered by sorted folder name); "
+                          "`mimfast validate-data` lists them", stacklevel=3)  # fmt: skip
         self.num_samples = len(self.files)
         self._index_of: dict[str, int] | None = None
 
@@ -266,8 +294,11 @@ class _WdsSource:
         self.path = split_dir
         self.tars = sorted(str(p.absolute()) for p in split_dir.glob("*.tar"))
         if not self.tars:
-            raise ValueError(f"DataConfig.root: {split_dir} has no .tar shards (format='wds' expects "
-                             f"{split_dir}/*.tar with <key>.jpg + <key>.cls samples)")  # fmt: skip
+            folders = any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(split_dir))
+            hint = " (it holds class folders: use format='folder')" if folders else ""
+            raise DataValueError("format" if folders else "root", f"DataConfig.root: {split_dir} has no .tar shards "
+                                 f"(format='wds' expects {split_dir}/*.tar with <key>.jpg + <key>.cls samples)"
+                                 f"{hint}")  # fmt: skip
         idx = [os.path.splitext(t)[0] + ".idx" for t in self.tars]
         self.index_paths = idx if all(os.path.isfile(p) for p in idx) else None
         self.offsets: dict[tuple[str, int], int] = {}
@@ -277,13 +308,13 @@ class _WdsSource:
             n0 = len(labels)
             for key, img_offset, label in _scan_tar(t):
                 if img_offset is None or label is None:
-                    raise ValueError(f"DataConfig.root: sample {key!r} of {t} lacks an image (.jpg/.png) or a .cls "
-                                     "component")  # fmt: skip
+                    raise DataValueError("root", f"DataConfig.root: sample {key!r} of {t} lacks an image (.jpg/.png) "
+                                         "or a .cls component")  # fmt: skip
                 self.offsets[(t, img_offset)] = len(labels)
                 labels.append(label)
             self.tar_sizes.append(len(labels) - n0)
         if not labels:
-            raise ValueError(f"DataConfig.root: the tars in {split_dir} hold no samples")
+            raise DataValueError("root", f"DataConfig.root: the tars in {split_dir} hold no samples")
         self.labels = np.asarray(labels, dtype=np.int64)
         self.num_samples = len(labels)
         man = _read_json(split_dir / MANIFEST) or _read_json(split_dir.parent / MANIFEST) or {}
@@ -388,6 +419,7 @@ class MIMLoader:
         self._valid: np.ndarray | None = None
         self._generation = 0
         self._copy_stream = None
+        self._reader_kw: dict = {}
 
     # -- public ------------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -427,7 +459,8 @@ class MIMLoader:
         diff = {k: (fp.get(k), v) for k, v in mine.items() if fp.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"state: cannot resume, it was saved by a loader set up differently ({detail})")
+            raise DataValueError("state", f"state: cannot resume, it was saved by a loader set up differently "
+                                 f"({detail})")  # fmt: skip
         epoch, step = state["epoch"], state["step"]
         if not (_is_int(epoch) and epoch >= 0 and _is_int(step) and 0 <= step < max(self._nb, 1)):
             raise ValueError(f"state: epoch={epoch!r} step={step!r} out of range (len(loader) = {self._nb})")
@@ -480,16 +513,37 @@ class MIMLoader:
                 outs = pipe.run()
             except RuntimeError as e:
                 self._close_pipe()  # DALI invalidates a pipeline that raised
-                fmt = " --format wds" if self._source.format == "wds" else ""
-                raise RuntimeError(f"DALI failed in epoch {self.epoch}, batch {self.step} of {self._source.path}: a "
-                                   f"file it cannot decode aborts the pipeline; list them with `mimfast validate-data "
-                                   f"{self._source.path}{fmt}`. DALI said: {e}") from e  # fmt: skip
+                raise self._decode_failure(e) from None
             batch = self._to_batch(outs, self.step)
             self.step += 1
             yield batch
         if generation == self._generation:
             self._close_pipe()
             self.epoch, self.step = self.epoch + 1, 0
+
+    def _decode_failure(self, err: RuntimeError) -> UndecodableImageError:
+        """The error to raise when ``pipe.run()`` failed at batch ``self.step``: for the folder format, the files of
+        that batch and of the ones DALI may have prefetched are checked one by one (host checks, then DALI's decoder,
+        bisected) to name the culprit; webdataset samples cannot be mapped back cheaply, so their shards are named."""
+        from .validate import find_undecodable
+
+        fmt = " --format wds" if self._source.format == "wds" else ""
+        hint = f"`mimfast validate-data {self._source.path}{fmt}` lists every such file; remove or replace them"
+        where = f"epoch {self.epoch}, batch {self.step} of {self._source.path}"
+        said = " ".join(ln.strip() for ln in str(err).splitlines() if ln.strip() and "encountered" not in ln
+                        and "no longer valid" not in ln and "Critical error" not in ln)[-300:]  # fmt: skip
+        bad: list[tuple[str, str]] = []
+        if self._source.format == "folder":
+            b = self.batch_size
+            files = self._reader_kw.get("files", [])
+            window = files[self.step * b : (self.step + 1 + max(1, self.cfg.prefetch)) * b]
+            bad = find_undecodable(window, device_id=self.device_id)
+        if bad:
+            named = "; ".join(f"{p} ({why})" for p, why in bad[:3]) + (f"; ... ({len(bad)} in all)" if len(bad) > 3
+                                                                        else "")  # fmt: skip
+            return UndecodableImageError(f"cannot decode {named}, in {where}; {hint}", [p for p, _ in bad])
+        return UndecodableImageError(f"DALI failed to decode a sample in {where} and the file could not be singled "
+                                     f"out; {hint}. DALI said: {said}", [])  # fmt: skip
 
     def _ensure_pipe(self):
         if self._pipe is not None and self._pipe_epoch == self.epoch:
@@ -516,6 +570,7 @@ class MIMLoader:
                 pipe.run()
         self._pending_ckpt = None
         self._valid = plan.valid
+        self._reader_kw = kw
         self._pipe, self._pipe_epoch = pipe, self.epoch
         return pipe
 
@@ -663,28 +718,32 @@ def build_loader(
 
     if cfg.root == "builtin":
         if cfg.format != "folder":
-            raise ValueError("DataConfig.root='builtin' is a folder dataset: use format='folder' (or make wds shards "
-                             "with mimfast.data.make_webdataset_shards and point root at them)")  # fmt: skip
+            raise DataValueError("format", "DataConfig.root='builtin' is a folder dataset: use format='folder' (or "
+                                 "make wds shards with mimfast.data.make_webdataset_shards and point root at "
+                                 "them)")  # fmt: skip
         root = make_builtin_dataset(default_builtin_root(), progress=rank == 0)
     else:
         root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"DataConfig.root: {root} does not exist or is not a directory")
+        what = "is a file, not a directory" if root.exists() else "does not exist"
+        raise DataPathError("root", f"DataConfig.root: {root} {what} (expected a dataset directory holding "
+                            "train/<class>/<image> or train/*.tar)")  # fmt: skip
     split_dir = root / split
     if not split_dir.is_dir():
         have = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        raise FileNotFoundError(f"split={split!r}: {split_dir} does not exist (DataConfig.root must hold "
-                                f"<split>/<class>/<image> or <split>/*.tar; found sub-directories {have})")  # fmt: skip
+        have = have[:5] + ["..."] * (len(have) > 5)
+        raise DataPathError("root", f"split={split!r}: {split_dir} does not exist (DataConfig.root must hold "
+                            f"<split>/<class>/<image> or <split>/*.tar; found sub-directories {have})")  # fmt: skip
     source = _FolderSource(split_dir) if cfg.format == "folder" else _WdsSource(split_dir)
 
     n, per = source.num_samples, batch_size * world_size
     if mode == "train" and n < per:
-        raise ValueError(f"batch_size * world_size = {batch_size} * {world_size} = {per} exceeds the {n} samples of "
-                         f"split {split!r}: with the ragged tail dropped no rank would get a batch; lower batch_size "
-                         "or world_size")  # fmt: skip
+        raise DataValueError("batch_size", f"batch_size * world_size = {batch_size} * {world_size} = {per} exceeds "
+                             f"the {n} samples of split {split!r}: with the ragged tail dropped no rank would get a "
+                             "batch; lower batch_size or world_size")  # fmt: skip
     if mode == "eval" and n < world_size:
-        raise ValueError(f"world_size = {world_size} exceeds the {n} samples of split {split!r}: some ranks would "
-                         "hold no sample at all; evaluate on fewer ranks")  # fmt: skip
+        raise DataValueError("world_size", f"world_size = {world_size} exceeds the {n} samples of split {split!r}: "
+                             "some ranks would hold no sample at all; evaluate on fewer ranks")  # fmt: skip
     loader = MIMLoader(cfg, source, batch_size=batch_size, split=split, mode=mode, rank=rank, world_size=world_size,
                        device_id=device_id, return_index=return_index)  # fmt: skip
     if state is not None:

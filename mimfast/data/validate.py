@@ -25,7 +25,7 @@ import numpy as np
 
 from .builtin import IMAGE_EXTENSIONS, _wds_key_ext
 
-__all__ = ["ValidationReport", "add_validate_arguments", "cmd_validate", "validate_dataset"]
+__all__ = ["ValidationReport", "add_validate_arguments", "cmd_validate", "find_undecodable", "validate_dataset"]
 
 _SIGNATURES = (  # (prefix, offset, format): what DALI's decoders accept
     (b"\xff\xd8\xff", 0, "jpeg"),
@@ -51,20 +51,27 @@ class ValidationReport:
     """Images a training run would fail on or that are certainly corrupt, with the reason."""
     ignored: list[str] = field(default_factory=list)
     """Files skipped because the loader never reads them (no image extension)."""
+    empty_dirs: list[str] = field(default_factory=list)
+    """Folders with no image anywhere below them (folder format): as a class folder each still takes a label id."""
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.bad
+        return not self.bad and not self.empty_dirs
 
     def format_report(self, limit: int = 100) -> str:
-        head = (f"{self.root}: {self.checked} images checked in {self.seconds:.1f} s, {len(self.bad)} bad, "
+        empty = f", {len(self.empty_dirs)} empty folders" if self.empty_dirs else ""
+        head = (f"{self.root}: {self.checked} images checked in {self.seconds:.1f} s, {len(self.bad)} bad{empty}, "
                 f"{len(self.ignored)} other files ignored")  # fmt: skip
         lines = [head]
         for path, reason in self.bad[:limit]:
             lines.append(f"  BAD {path}: {reason}")
         if len(self.bad) > limit:
             lines.append(f"  ... and {len(self.bad) - limit} more")
+        for d in self.empty_dirs[:limit]:
+            lines.append(f"  EMPTY {d}: no image in this folder; as a class folder it still takes a label id")
+        if len(self.empty_dirs) > limit:
+            lines.append(f"  ... and {len(self.empty_dirs) - limit} more empty folders")
         if self.checked == 0:
             tars = sum(p.endswith(".tar") for p in self.ignored)
             hint = " (it holds .tar files: use format='wds' / --format wds)" if tars else ""
@@ -177,9 +184,16 @@ class _Decoder:
 
 
 def _iter_folder(root: Path, report: ValidationReport) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """(path, bytes or None, reason or None) for every image-extension file under ``root``."""
+    """(path, bytes or None, reason or None) for every image-extension file under ``root``; leaf folders without an
+    image file go to ``report.empty_dirs``."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if (
+            not dirnames
+            and dirpath != str(root)
+            and not any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in filenames if not f.startswith("."))
+        ):
+            report.empty_dirs.append(dirpath)
         for f in sorted(filenames):
             if f.startswith("."):
                 continue
@@ -236,6 +250,31 @@ def _iter_wds(root: Path, report: ValidationReport) -> Iterator[tuple[str, bytes
                     yield name, None, "the .cls label is not an integer"
                     continue
                 yield f"{t}:{img.name}", tf.extractfile(img).read(), None
+
+
+def find_undecodable(paths: list[str], *, device_id: int | None = None, batch_size: int = 64) -> list[tuple[str, str]]:
+    """``(path, reason)`` for each file of ``paths`` that is unreadable, not an image, truncated or that DALI's decoder
+    rejects (what :func:`validate_dataset` does, for a given list: the loader uses it to name the file that aborted a
+    pipeline)."""
+    bad: list[tuple[str, str]] = []
+    pending: list[tuple[str, np.ndarray]] = []
+    dec = _Decoder(batch_size, 1, device_id)
+    for p in dict.fromkeys(paths):  # unique, in order
+        try:
+            with open(p, "rb") as fh:
+                data = fh.read()
+        except OSError as e:
+            bad.append((p, f"unreadable: {e.strerror or e}"))
+            continue
+        reason = _host_check(data)
+        if reason is not None:
+            bad.append((p, reason))
+        else:
+            pending.append((p, np.frombuffer(data, dtype=np.uint8)))
+        if len(pending) == batch_size:
+            bad += dec.find_bad(pending)
+            pending = []
+    return bad + dec.find_bad(pending)
 
 
 def validate_dataset(

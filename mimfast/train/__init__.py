@@ -29,7 +29,9 @@ from .config import (
     lr_at,
     scaled_lr,
 )
-from .loop import NonFiniteLossError, RunResult, param_groups, peak_flops, pretrain
+from .loop import NonFiniteLossError, RunResult, pretrain
+from .optim import param_groups, peak_flops
+from .signals import TrainingInterrupted
 
 __all__ = [
     "CheckpointError",
@@ -41,6 +43,7 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "TrainConfig",
+    "TrainingInterrupted",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",

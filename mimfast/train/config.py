@@ -69,7 +69,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite real number (inf / nan never pass a config check: ``warmup_epochs=inf`` would train at lr 0)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ---------------------------------------------------------------------------------------------------- sections
@@ -133,18 +134,18 @@ class OptimConfig:
         s = "optim"
         for name in ("blr", "eps"):
             if not (_is_num(getattr(self, name)) and getattr(self, name) > 0):
-                _fail(s, name, "a float > 0", getattr(self, name))
+                _fail(s, name, "a finite float > 0", getattr(self, name))
         if self.lr is not None and not (_is_num(self.lr) and self.lr > 0):
-            _fail(s, "lr", "None or a float > 0", self.lr)
+            _fail(s, "lr", "None or a finite float > 0", self.lr)
         betas = self.betas
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in betas)):
             _fail(s, "betas", "two floats in [0, 1)", betas)
         self.betas = tuple(float(b) for b in betas)
         for name in ("weight_decay", "warmup_epochs", "min_lr"):
             if not (_is_num(getattr(self, name)) and getattr(self, name) >= 0):
-                _fail(s, name, "a float >= 0", getattr(self, name))
+                _fail(s, name, "a finite float >= 0", getattr(self, name))
         if self.clip_grad is not None and not (_is_num(self.clip_grad) and self.clip_grad > 0):
-            _fail(s, "clip_grad", "None or a float > 0", self.clip_grad)
+            _fail(s, "clip_grad", "None or a finite float > 0", self.clip_grad)
         if self.accum_steps is not None and not (_is_int(self.accum_steps) and self.accum_steps >= 1):
             _fail(s, "accum_steps", "None or an int >= 1", self.accum_steps)
         for name in ("no_decay_tokens", "apex"):
@@ -202,6 +203,9 @@ class TrainConfig:
     nan_policy: NanPolicy = "stop"
     """On a non-finite loss (decided on all ranks together): ``stop`` raises an error naming the step; ``skip``
     drops that step's update (no optimizer or schedule step), counts it and continues."""
+    max_consecutive_skips: int = 10
+    """With ``nan_policy=skip``: stop with an error once this many steps in a row were skipped (the run has
+    diverged; skipping forever would burn the allocation); 0 = no limit."""
     tensorboard: bool = True
     """Write TensorBoard scalars (loss, lr, img/s, mfu) to ``out_dir/tb`` on rank 0 (needs ``tensorboard``)."""
     resume: str | None = None
@@ -217,7 +221,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "log_every"):
             if not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 _fail(s, name, "an int >= 1", getattr(self, name))
-        for name in ("ckpt_every", "seed"):
+        for name in ("ckpt_every", "seed", "max_consecutive_skips"):
             if not (_is_int(getattr(self, name)) and getattr(self, name) >= 0):
                 _fail(s, name, "an int >= 0", getattr(self, name))
         if not (_is_int(self.keep_last) and self.keep_last >= 1):
@@ -466,9 +470,12 @@ def _coerce(raw: str, tp: Any) -> Any:
         return int(f)
     if tp is float:
         try:
-            return float(raw)
+            v = float(raw)
         except ValueError:
             raise ValueError("expected a float") from None
+        if not math.isfinite(v):
+            raise ValueError("expected a finite float")
+        return v
     if tp is str:
         return raw
     if origin is tuple:

@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import create_model
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import config_from_dict
 
 __all__ = [
@@ -67,11 +68,21 @@ class ProbeResult:
 
 
 def _device(name: str | None) -> torch.device:
+    """``"auto"`` / None (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:<index>"``; a clear ValueError
+    otherwise (``--device`` on the command line)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    expected = "expected auto, cpu, cuda or cuda:<index>"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device (--device): {expected}, got {name!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device (--device): {expected}, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} was asked for but torch.cuda.is_available() is False")
+        raise ValueError(f"device (--device): {name!r} was asked for but torch.cuda.is_available() is False")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device (--device): {name!r} but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -82,16 +93,23 @@ def load_pretrained(checkpoint: str | Path, *, random_init: bool = False, seed: 
     the same architecture (step is then 0). The model is in eval mode on the CPU.
     """
     ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_dict(ckpt["config"])
+    source = f"checkpoint {ckpt['path']}"
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: its config cannot be read by this mimfast ({e})") from None
     overrides = dict(cfg.model.overrides)
-    if random_init:
-        with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[], enabled=random_init):  # a random init is seeded, not drawn from the run
+        if random_init:
             torch.manual_seed(seed)
+        try:
             model = create_model(cfg.model.name, **overrides)
-        step = 0
-    else:
-        model = create_model(cfg.model.name, **overrides)
-        model.load_state_dict(ckpt["model"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{source}: its model {cfg.model.name!r} (overrides {overrides!r}) cannot be "
+                                  f"built: {e}") from None  # fmt: skip
+    step = 0
+    if not random_init:
+        load_model_state(model, ckpt["model"], source=f"{source} (model {cfg.model.name}, overrides {overrides!r})")
         step = int(ckpt["step"])
     return model.eval(), cfg, step
 
@@ -291,6 +309,10 @@ def reconstruct(
     if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
         raise ValueError(f"mask_ratio: expected a float in [0, 1), got {ratio!r}")
     data_cfg, _, val = _eval_loaders(cfg, data_root, 32, dev)
+    if num_images > val.num_samples:
+        warnings.warn(f"num_images={num_images} but the val split of {data_cfg.root} holds {val.num_samples} images: "
+                      f"showing {val.num_samples}", stacklevel=2)  # fmt: skip
+        num_images = val.num_samples
     imgs = _spread_images(val, num_images).to(dev)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=gen).to(dev)
@@ -353,13 +375,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.random_seeds < 1 or args.steps < 1 or args.batch_size < 1:
         print("error: --random-seeds, --steps and --batch-size must be >= 1", file=sys.stderr)
         return 2
-    try:
-        dev = _device(args.device)
-        _, cfg, step = load_pretrained(args.checkpoint)
-        data_cfg, train, val = _eval_loaders(cfg, args.data_root, args.batch_size, dev)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    dev = _device(args.device)  # errors are reported by mimfast.cli.main (one line, exit 2)
+    _, cfg, step = load_pretrained(args.checkpoint)
+    data_cfg, train, val = _eval_loaders(cfg, args.data_root, args.batch_size, dev)
     pools = POOLS if args.pool == "both" else (args.pool,)
     runs = [] if args.random_init else [(False, args.seed)]
     if args.random_init or args.compare_random:
@@ -412,11 +430,7 @@ def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    try:
-        out = reconstruct(args.checkpoint, args.out, num_images=args.num_images, mask_ratio=args.mask_ratio,
-                          data_root=args.data_root, seed=args.seed, device=args.device)  # fmt: skip
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = reconstruct(args.checkpoint, args.out, num_images=args.num_images, mask_ratio=args.mask_ratio,
+                      data_root=args.data_root, seed=args.seed, device=args.device)  # fmt: skip
     print(f"reconstruction grid (original | masked | reconstruction | reconstruction + visible): {out}")
     return 0

@@ -14,6 +14,13 @@ stderr shows the same between the lines (:mod:`mimfast.train.progress`). Checkpo
 Exact resume: a checkpoint is written only at a step boundary and holds the model, optimizer, scaler, counters,
 every rank's RNG states and every rank's data-loader position. A resumed run therefore replays the remaining steps
 bit for bit, given the same world size, thread counts and ``train.deterministic=true`` (the debug preset's setting).
+A resume that rolls back to an older checkpoint moves the abandoned timeline aside (:func:`~mimfast.train.checkpoint.
+plan_resume`); SIGTERM / SIGINT / SIGUSR1 write a final checkpoint at the next step boundary on every rank and raise
+:class:`~mimfast.train.signals.TrainingInterrupted` (:mod:`mimfast.train.signals`).
+
+Every mistake in the config, the data or the resume target is a :class:`ConfigError` raised during setup, before
+anything in ``out_dir`` changes; a file that DALI cannot decode mid-epoch is an ``UndecodableImageError`` naming it,
+raised before the step it belongs to changes anything.
 """
 
 from __future__ import annotations
@@ -34,15 +41,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mimfast.data import build_loader
+from mimfast.data import DataError, build_loader
 
 from ..models import create_model
 from . import checkpoint as ckpt_mod
-from .config import ConfigError, RunConfig, config_to_dict, flatten_config_dict, lr_at, scaled_lr
+from . import resume as resume_mod
+from .config import ConfigError, RunConfig, config_to_dict, lr_at, scaled_lr
 from .distributed import (
     DistInfo,
     all_gather_object,
-    all_reduce_min,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -52,32 +59,16 @@ from .distributed import (
     init_distributed,
     wrap_model,
 )
+from .optim import build_optimizer, param_groups, peak_flops
 from .progress import ProgressBar, format_duration
+from .signals import STOP_SIGNALS, StopSignals, TrainingInterrupted
 
-__all__ = ["NonFiniteLossError", "RunResult", "param_groups", "peak_flops", "pretrain"]
-
-# Dense bf16 tensor-core peak per GPU (datasheet, no sparsity), for MFU. Matched against the device name.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM / HBM3
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of ``device`` from :data:`PEAK_BF16_FLOPS`; None for the CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+__all__ = ["NonFiniteLossError", "RunResult", "TrainingInterrupted", "param_groups", "peak_flops", "pretrain"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss was NaN/inf on some rank and ``train.nan_policy`` is ``stop``."""
+    """The loss was NaN/inf on some rank and ``train.nan_policy`` is ``stop``, or more than
+    ``train.max_consecutive_skips`` steps in a row were skipped under ``skip``."""
 
 
 @dataclass
@@ -109,41 +100,6 @@ class RunResult:
     """Global training throughput of this call (all ranks, excluding the first step's warm-up)."""
     world_size: int = 1
     """Ranks in the job."""
-
-
-# ------------------------------------------------------------------------------------------------------- setup
-def param_groups(model: nn.Module, weight_decay: float, *, no_decay_tokens: bool = True) -> list[dict]:
-    """AdamW groups: weight matrices decay; 1-D parameters (norms), biases and, with ``no_decay_tokens``, class /
-    mask tokens and position embeddings (plus a timm-style ``model.no_weight_decay()`` set) do not. Frozen
-    parameters (MAE's fixed sin-cos ``pos_embed``) are left out."""
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        token = leaf.endswith("token") or "pos_embed" in leaf or name in skip
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or (no_decay_tokens and token) else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def _build_optimizer(
-    model: nn.Module, cfg: RunConfig, lr: float, device: torch.device, log: Callable[[str], None]
-) -> torch.optim.Optimizer:
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay, no_decay_tokens=o.no_decay_tokens)
-    if o.apex:
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            FusedAdam, why = None, "apex is not importable (not on PyPI: build NVIDIA/apex with --cuda_ext)"
-        else:
-            why = "apex FusedAdam needs CUDA" if device.type != "cuda" else None
-        if why is None:
-            return FusedAdam(groups, lr=lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
-        log(f"note: optim.apex=true but {why}; using torch.optim.AdamW")
-    fused = o.fused if o.fused is not None else device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, fused=fused or None)
 
 
 def _seed_all(seed: int) -> None:
@@ -215,8 +171,10 @@ class _Run:
         _seed_all(t.seed)
         try:
             model = create_model(cfg.model.name, **cfg.model.overrides)
-        except TypeError as e:
-            raise ConfigError(f"model.overrides={cfg.model.overrides!r}: not accepted by {cfg.model.name}: {e}") from e
+        except (TypeError, ValueError) as e:  # unknown keyword, or the model config's own validation
+            raise ConfigError(
+                f"model.overrides={cfg.model.overrides!r}: not accepted by {cfg.model.name}: {e}"
+            ) from None
         img = getattr(getattr(model, "config", None), "img_size", None)
         if img is not None and img != cfg.data.img_size:
             raise ConfigError(
@@ -228,15 +186,30 @@ class _Run:
         )
         self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-        # the checkpoint to resume from: rank 0 decides, every rank reads the same file (memory-mapped)
+        # the checkpoint to resume from: rank 0 decides (nothing on disk changes before setup succeeds), every rank
+        # reads the same file (memory-mapped)
         ckpt = None
+        self._plan: ckpt_mod.ResumePlan | None = None
         decision = broadcast_object(self._resolve_resume() if self.main else None, info)
         if isinstance(decision, str) and decision.startswith("error:"):
             raise ConfigError(decision[len("error:") :])
         self.resumed_from = decision
         if decision is not None:
-            ckpt = ckpt_mod.load_checkpoint(decision, mmap=True)
-            model.load_state_dict(ckpt["model"])
+            try:
+                ckpt = ckpt_mod.load_checkpoint(decision, mmap=True)
+            except ckpt_mod.CheckpointError as e:
+                raise ConfigError(f"train.resume: {e}") from None
+            resume_mod.check_resumable(ckpt, cfg, info.world_size)
+            try:
+                ckpt_mod.load_model_state(model, ckpt["model"], source=f"train.resume: checkpoint {decision}")
+            except ckpt_mod.CheckpointError as e:
+                saved = ckpt["config"].get("model", {})
+                raise ConfigError(
+                    f"{e}: it was written with model.name={saved.get('name')!r}, model.overrides="
+                    f"{saved.get('overrides')!r}; this run builds model.name={cfg.model.name!r}, model.overrides="
+                    f"{cfg.model.overrides!r}. Resume with the same model settings, or start a new run in another "
+                    "train.out_dir"
+                ) from None
         model.to(dev)
         if t.compile:
             compile_blocks(model)
@@ -263,28 +236,25 @@ class _Run:
                 f"world_size = {self.eff_batch}"
             )
         self.peak_lr = scaled_lr(cfg.optim, self.eff_batch)
-        self.optimizer = _build_optimizer(self.module, cfg, self.peak_lr, dev, self.log)
+        self.optimizer = build_optimizer(self.module, cfg, self.peak_lr, dev, self.log)
         self.scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
 
         # data
         loader_state = None
-        if ckpt is not None:
-            saved = ckpt.get("loader") or []
-            if len(saved) != info.world_size:
-                raise ConfigError(
-                    f"train.resume: checkpoint {decision} was written by {len(saved)} rank(s), this "
-                    f"job has {info.world_size}; exact resume needs the same world size"
-                )
-            loader_state = ckpt_mod.decode_object(saved[info.rank])
-        self.loader = build_loader(
-            cfg.data,
-            batch_size=t.batch_size,
-            split="train",
-            rank=info.rank,
-            world_size=info.world_size,
-            device_id=dev.index if dev.type == "cuda" else None,
-            state=loader_state,
-        )
+        if ckpt is not None:  # check_resumable made sure it holds one loader state per rank
+            loader_state = ckpt_mod.decode_object(ckpt["loader"][info.rank])
+        try:
+            self.loader = build_loader(
+                cfg.data,
+                batch_size=t.batch_size,
+                split="train",
+                rank=info.rank,
+                world_size=info.world_size,
+                device_id=dev.index if dev.type == "cuda" else None,
+                state=loader_state,
+            )
+        except DataError as e:
+            raise resume_mod.data_config_error(e, cfg, self.resumed_from) from None
         n_batches = len(self.loader)
         self.steps_per_epoch = n_batches // accum
         if self.steps_per_epoch < 1:
@@ -317,24 +287,15 @@ class _Run:
 
     def _resolve_resume(self) -> str | None:
         """Rank 0: the checkpoint path to resume from, None, or ``"error:<message>"`` (broadcast to all ranks)."""
-        t = self.cfg.train
         try:
-            ckpt_mod.remove_stale_tmp(self.out)  # left by a writer killed mid-write; never a checkpoint
-            if t.resume is None:
-                existing = ckpt_mod.list_checkpoints(self.out)
-                if existing:
-                    return (
-                        f"error:train.out_dir={t.out_dir!r} already holds checkpoints (newest {existing[0].name}); "
-                        "resume with train.resume=auto, or choose a new train.out_dir"
-                    )
-                return None
-            path = ckpt_mod.find_resume_checkpoint(t.resume, self.out, quarantine=True)
-        except ckpt_mod.CheckpointError as e:
-            return f"error:train.resume={t.resume!r}: {e}"
-        if path is None:
-            self.log(f"resume=auto: no valid checkpoint in {str(self.out)!r}; starting fresh")
+            self._plan = resume_mod.plan(self.cfg.train, self.out)
+        except ConfigError as e:
+            return f"error:{e}"
+        if self._plan.path is None:
+            if self.cfg.train.resume is not None:
+                self.log(f"resume=auto: no checkpoint in {str(self.out)!r}; starting fresh")
             return None
-        return str(path)
+        return str(self._plan.path)
 
     def _load_state(self, ckpt: dict) -> None:
         info, tr = self.info, ckpt.get("train", {})
@@ -342,27 +303,14 @@ class _Run:
         if saved_shape != (self.steps_per_epoch, self.accum):
             raise ConfigError(
                 f"train.resume: checkpoint has {tr.get('steps_per_epoch')} steps/epoch x {tr.get('accum_steps')} "
-                f"micro-batches, this run {self.steps_per_epoch} x {self.accum}; batch size or data changed"
+                f"micro-batches, this run {self.steps_per_epoch} x {self.accum}: optim.accum_steps / "
+                "train.global_batch_size (or the dataset) changed; exact resume needs the same"
             )
-        saved_cfg = flatten_config_dict(ckpt["config"])
-        now = flatten_config_dict(config_to_dict(self.cfg))
-        free = {
-            "train.resume",
-            "train.out_dir",
-            "train.max_steps",
-            "train.log_every",
-            "train.progress",
-            "train.ckpt_every",
-            "train.keep_last",
-            "train.tensorboard",
-            "data.num_threads",
-            "data.prefetch",
-        }
-        changed = sorted(k for k in now if k not in free and k in saved_cfg and saved_cfg[k] != now[k])
+        changed = resume_mod.config_changes(ckpt, self.cfg)
         if changed and self.main:
             warnings.warn(
                 "resuming with a different config (the resumed run will not replay the original exactly): "
-                + ", ".join(f"{k}: {saved_cfg[k]!r} -> {now[k]!r}" for k in changed),
+                + ", ".join(changed),
                 stacklevel=3,
             )
         dsd = _dsd()
@@ -384,10 +332,24 @@ class _Run:
 
     def _setup_outputs(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        rows = _read_jsonl(self.metrics_path)
+        plan = self._plan
+        if plan is not None and plan.set_aside:
+            # a rollback (or a resume from another directory, or past unreadable files): the checkpoints of the
+            # abandoned timeline, and the metrics they logged, move to out_dir/abandoned/ instead of being pruned
+            foreign = plan.path is not None and plan.path.parent.resolve() != self.out.resolve()
+            gone = [r for r in rows if foreign or r.get("step", 0) > self.start_step]
+            dest = ckpt_mod.set_aside(self.out, plan.set_aside, from_step=self.start_step, why=plan.why,
+                                      metrics=[json.dumps(r) for r in gone])  # fmt: skip
+            rows = [] if foreign else rows
+            names = ", ".join(p.name for p in plan.set_aside) or "none"
+            self.log(f"note: {plan.why.strip()} Moved {len(plan.set_aside)} checkpoint(s) ({names}) and "
+                     f"{len(gone)} metrics line(s) to {dest}: nothing was deleted, and no newer checkpoint can shadow "
+                     "this run.")  # fmt: skip
         ckpt_mod.atomic_save_json(config_to_dict(self.cfg), self.out / "config.json")
         # metrics.jsonl reflects the steps that count: drop records past the resumed step (a killed run's tail)
-        self.metrics_path = self.out / "metrics.jsonl"
-        rows = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= self.start_step]
+        rows = [r for r in rows if r.get("step", 0) <= self.start_step]
         ckpt_mod.atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         self.metrics_file = open(self.metrics_path, "a", buffering=1)
         self.tb = None
@@ -449,7 +411,8 @@ class _Run:
             "loader": [ckpt_mod.encode_object(s) for s in loaders],
             "config": config_to_dict(self.cfg),
         }
-        return str(ckpt_mod.save_checkpoint(self.out, state, keep_last=self.cfg.train.keep_last))
+        protect = (self.resumed_from,) if self.resumed_from else ()
+        return str(ckpt_mod.save_checkpoint(self.out, state, keep_last=self.cfg.train.keep_last, protect=protect))
 
     # -------------------------------------------------------------------------------------------------- train
     def _autocast(self):
@@ -457,8 +420,9 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
-    def _train_step(self, it) -> tuple[float | None, bool, float]:
-        """One optimizer step over ``accum`` micro-batches. Returns (rank-mean loss or None, applied, lr)."""
+    def _train_step(self, it) -> tuple[float | None, bool, float, int | None]:
+        """One optimizer step over ``accum`` micro-batches. Returns (rank-mean loss or None, applied, lr, stop): stop
+        is the stop signal some rank received, or None (decided together, in the same all-reduce as the loss)."""
         info, dev, accum = self.info, self.info.device, self.accum
         loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
         for a in range(accum):
@@ -477,11 +441,16 @@ class _Run:
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss_d
-        # every rank takes the same decision: MIN of the finite flags
-        finite = torch.isfinite(loss_sum).to(torch.float32).reshape(1)
-        all_reduce_min(finite, info)
-        mean = all_reduce_sum((loss_sum / accum).reshape(1), info) / info.world_size
-        ok, loss_val = (v for v in torch.cat([finite, mean]).tolist())
+        # every rank takes the same decisions from one all-reduce: [ranks with a non-finite loss, ranks that got each
+        # stop signal, sum of the rank losses]
+        packed = torch.zeros(2 + len(STOP_SIGNALS), device=dev)
+        packed[0] = (~torch.isfinite(loss_sum)).to(torch.float32)
+        if self.signals.signum is not None:
+            packed[1 + STOP_SIGNALS.index(self.signals.signum)] = 1.0
+        packed[-1] = loss_sum / accum
+        n_bad, *got, total = all_reduce_sum(packed, info).tolist()
+        ok, loss_val = n_bad == 0, total / info.world_size
+        stop = next((s for s, n in zip(STOP_SIGNALS, got, strict=True) if n > 0), None)
         lr = lr_at(
             self.sched_step,
             peak=self.peak_lr,
@@ -510,11 +479,16 @@ class _Run:
         elif self.cfg.train.nan_policy == "stop":
             raise NonFiniteLossError(
                 f"step {self.step + 1}: the loss is not finite ({loss_val}) on at least one rank; stopping "
-                f"(train.nan_policy=stop). The last checkpoint is in {str(self.out)!r}. Lower optim.blr / set "
-                "optim.clip_grad, or pass train.nan_policy=skip to drop such steps and continue."
+                f"(train.nan_policy=stop). {self._last_checkpoint_note()} Lower optim.blr / set optim.clip_grad, or "
+                "pass train.nan_policy=skip to drop such steps and continue."
             )
         self.optimizer.zero_grad(set_to_none=True)
-        return (loss_val if ok else None), applied, lr
+        return (loss_val if ok else None), applied, lr, stop
+
+    def _last_checkpoint_note(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint has been written yet (the run started from scratch): nothing to resume from."
+        return f"The last checkpoint is {self.last_checkpoint} (resume from it with train.resume=auto)."
 
     def run(self) -> RunResult:
         self.setup()
@@ -536,16 +510,20 @@ class _Run:
         if self.step >= self.stop:
             self.log(f"nothing to do: step {self.step} >= {self.stop}")
         self.progress = ProgressBar(self.start_step, self.stop, live=self.main and ProgressBar.wanted(t.progress))
+        self.last_checkpoint = self.resumed_from
         try:
-            self._loop(result)
-        finally:
+            with StopSignals() as self.signals:
+                self._loop(result)
+        finally:  # on any error too: what was logged is flushed and closed; no checkpoint of a half-done step
             self.progress.close()
             self.progress = None
+            if self.main:
+                self.metrics_file.close()
+                if self.tb is not None:
+                    self.tb.close()
         result.step, result.skipped, result.skipped_steps = self.step, self.skipped, list(self.skipped_steps)
         if self.main:
-            self.metrics_file.close()
             if self.tb is not None:
-                self.tb.close()
                 result.tensorboard = str(self.tb_dir)
             self.log(f"done: step {self.step}/{self.stop}, {self.skipped} skipped step(s)")
             self.log(f"  checkpoint : {result.checkpoint}")
@@ -557,19 +535,23 @@ class _Run:
         t, info, bar = self.cfg.train, self.info, self.progress
         peak = peak_flops(info.device)
         t_window, steps_window = time.perf_counter(), 0  # img/s and MFU over the steps since the last line
+        in_a_row = 0  # consecutive skipped (non-finite) steps
         while self.step < self.stop:
             epoch = self.step // self.steps_per_epoch
             it = iter(self.loader)
             while self.step < self.stop and self.step // self.steps_per_epoch == epoch:
-                loss, applied, lr = self._train_step(it)
+                loss, applied, lr, stop = self._train_step(it)
                 self.step += 1
                 if loss is None:
                     self.skipped += 1
                     self.skipped_steps.append(self.step)
+                    in_a_row += 1
                     self.log(
                         f"warning: step {self.step}: non-finite loss, update skipped (train.nan_policy=skip; "
-                        f"{self.skipped} skipped so far)"
+                        f"{self.skipped} skipped so far, {in_a_row} in a row)"
                     )
+                else:
+                    in_a_row = 0
                 result.losses.append(loss)
                 if self.step % self.steps_per_epoch == 0:
                     for _ in it:  # the epoch's leftover micro-batches (< accum_steps): the next iter() is a new epoch
@@ -605,12 +587,22 @@ class _Run:
                             self.tb.add_scalar("perf/mfu", mfu, self.step)
                         self.tb.flush()
                     t_window, steps_window = time.perf_counter(), 0
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == self.stop:
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == self.stop or stop is not None:
                     path = self._checkpoint()
+                    self.last_checkpoint = str(ckpt_mod.checkpoint_path(self.out, self.step))
                     if path:
                         result.checkpoint = path
                 if self.on_step is not None:
                     self.on_step(self.step, self.module, {"loss": loss, "lr": lr, "skipped": loss is None})
+                if stop is not None and self.step < self.stop:  # (a signal during the last step: the run is done)
+                    raise TrainingInterrupted(int(stop), self.step, self.last_checkpoint, str(self.out))
+                if t.max_consecutive_skips and in_a_row >= t.max_consecutive_skips:
+                    raise NonFiniteLossError(
+                        f"step {self.step}: {in_a_row} steps in a row had a non-finite loss and were skipped "
+                        f"(train.max_consecutive_skips={t.max_consecutive_skips}): the run has diverged. "
+                        f"{self._last_checkpoint_note()} Lower optim.blr / set optim.clip_grad, or raise the limit "
+                        "(0 = no limit)."
+                    )
         rate = bar.steps_per_sec()
         if rate:
             result.images_per_sec = rate * self.eff_batch
