@@ -106,6 +106,9 @@ class MaskedAutoencoderViT(nn.Module):
         fused: run the fused kernels and the default attention backend (True) or the official code path (False).
     """
 
+    task = "mae"
+    """The training task (``mimfast.train.tasks``) that knows how to train and evaluate this model."""
+
     def __init__(self, config: MAEConfig | None = None, *, fused: bool = True, **kwargs):
         super().__init__()
         if config is None:

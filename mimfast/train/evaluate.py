@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..models import create_model
 from .checkpoint import CheckpointError, load_checkpoint, load_model_state
 from .config import config_from_dict
+from .tasks import task_for
 
 __all__ = [
     "ProbeResult",
@@ -114,18 +115,14 @@ def load_pretrained(checkpoint: str | Path, *, random_init: bool = False, seed: 
     return model.eval(), cfg, step
 
 
-def _identity_noise(bsz: int, seq: int, device: torch.device) -> torch.Tensor:
-    # with mask ratio 0 every token is kept; increasing noise keeps them in image order
-    return torch.arange(seq, dtype=torch.float32, device=device).expand(bsz, seq)
-
-
 POOLS = ("cls", "mean")
 
 
 @torch.no_grad()
 def extract_pooled_features(model: nn.Module, loader, *, pools=POOLS, device=None, progress: bool = False):
     """Frozen-encoder features of every valid sample of one epoch of ``loader`` (eval mode), pooled each way in
-    ``pools`` ("cls": the class token after the final norm; "mean": the mean of the patch tokens) in one pass.
+    ``pools`` ("cls": the class token after the final norm; "mean": the mean of the patch tokens) in one pass; the
+    model's task (:meth:`mimfast.train.tasks.Task.features`) says how.
 
     Returns ``({pool: features (N, D) float32 on the CPU}, labels (N,) int64)``.
     """
@@ -134,18 +131,15 @@ def extract_pooled_features(model: nn.Module, loader, *, pools=POOLS, device=Non
         raise ValueError(f"pool: expected 'cls' or 'mean', got {pools if len(pools) != 1 else pools[0]!r}")
     device = _device(device) if not isinstance(device, torch.device) else device
     model = model.to(device).eval()
+    task = task_for(model)
     feats: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
     labels = []
     n_batches = len(loader)
     for i, batch in enumerate(loader):
-        imgs = batch.images.to(device, non_blocking=True)
-        latent, _, _ = model.forward_encoder(
-            imgs, 0.0, _identity_noise(imgs.shape[0], model.config.num_patches, device)
-        )
+        pooled = task.features(model, batch.images.to(device, non_blocking=True))
         keep = batch.valid.to(torch.bool).cpu()
         for p in pools:
-            f = latent[:, 0] if p == "cls" else latent[:, 1:].mean(dim=1)
-            feats[p].append(f.float().cpu()[keep])
+            feats[p].append(pooled[p].float().cpu()[keep])
         labels.append(batch.labels.cpu()[keep])
         if progress and (i + 1 == n_batches or (i + 1) % 20 == 0):
             print(f"  features: batch {i + 1}/{n_batches}", flush=True)
@@ -289,11 +283,11 @@ def reconstruct(
     scale: int | None = None,
     device=None,
 ) -> Path:
-    """Write a PNG grid of MAE inputs / masks / reconstructions of ``num_images`` validation images spread evenly over
-    the split.
+    """Write a PNG grid of the reconstructions of ``num_images`` validation images spread evenly over the split, one
+    row per image, with the columns the model's task gives (:meth:`mimfast.train.tasks.Task.reconstruction`).
 
-    Columns: original, masked input (removed patches grey), reconstruction, reconstruction with the visible patches
-    pasted back. ``mask_ratio`` defaults to the run's; ``scale`` (nearest-neighbour upscaling) defaults to reaching
+    MAE: original, masked input (removed patches grey), reconstruction, reconstruction with the visible patches
+    pasted back; ``mask_ratio`` defaults to the run's. ``scale`` (nearest-neighbour upscaling) defaults to reaching
     about 128 px per tile. Returns the path written (default: ``reconstruction.png`` in the checkpoint's directory).
     """
     from PIL import Image
@@ -305,9 +299,6 @@ def reconstruct(
     dev = _device(device) if not isinstance(device, torch.device) else device
     model, cfg, step = load_pretrained(checkpoint)
     model = model.to(dev)
-    ratio = cfg.model.mask_ratio if mask_ratio is None else mask_ratio
-    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-        raise ValueError(f"mask_ratio: expected a float in [0, 1), got {ratio!r}")
     data_cfg, _, val = _eval_loaders(cfg, data_root, 32, dev)
     if num_images > val.num_samples:
         warnings.warn(f"num_images={num_images} but the val split of {data_cfg.root} holds {val.num_samples} images: "
@@ -315,20 +306,9 @@ def reconstruct(
         num_images = val.num_samples
     imgs = _spread_images(val, num_images).to(dev)
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.rand(imgs.shape[0], model.config.num_patches, generator=gen).to(dev)
-    _, pred, mask = model(imgs, ratio, noise=noise)
-    if model.config.norm_pix_loss:  # predictions are normalised patches: map back with each target patch's stats
-        target = model.patchify(imgs)
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    p = model.config.patch_size
-    recon = model.unpatchify(pred.float())
-    m = model.unpatchify(mask.unsqueeze(-1).repeat(1, 1, p * p * model.config.in_chans).float())
-    orig = denormalize(imgs.float().cpu(), data_cfg)
-    recon = denormalize(recon.cpu(), data_cfg)
-    m = m.cpu()
-    masked = orig * (1 - m) + 0.5 * m
-    pasted = orig * (1 - m) + recon * m
-    cols = [orig, masked, recon, pasted]
+    _, columns = task_for(model, cfg).reconstruction(model, imgs, generator=gen, mask_ratio=mask_ratio)
+    cols = [denormalize(c.float().cpu(), data_cfg) for c in columns]
+    orig = cols[0]
     n, _, h, w = orig.shape
     if scale is None:
         scale = max(1, round(128 / h))

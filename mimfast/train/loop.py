@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import random
 import sys
@@ -62,6 +63,7 @@ from .distributed import (
 from .optim import build_optimizer, param_groups, peak_flops
 from .progress import ProgressBar, format_duration
 from .signals import STOP_SIGNALS, StopSignals, TrainingInterrupted
+from .tasks import task_for
 
 __all__ = ["NonFiniteLossError", "RunResult", "TrainingInterrupted", "param_groups", "peak_flops", "pretrain"]
 
@@ -175,15 +177,12 @@ class _Run:
             raise ConfigError(
                 f"model.overrides={cfg.model.overrides!r}: not accepted by {cfg.model.name}: {e}"
             ) from None
-        img = getattr(getattr(model, "config", None), "img_size", None)
-        if img is not None and img != cfg.data.img_size:
-            raise ConfigError(
-                f"data.img_size={cfg.data.img_size} but model {cfg.model.name} takes {img} px images; "
-                f"set data.img_size={img} (or model.overrides.img_size=...)"
-            )
-        self.flops_per_image = (
-            model.flops_per_image(cfg.model.mask_ratio) if hasattr(model, "flops_per_image") else None
-        )
+        try:
+            self.task = task_for(model, cfg)
+        except TypeError as e:
+            raise ConfigError(f"model.name={cfg.model.name!r}: {e}") from None
+        self.task.check_model(model)
+        self.flops_per_image = self.task.flops_per_image(model)
         self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
         # the checkpoint to resume from: rank 0 decides (nothing on disk changes before setup succeeds), every rank
@@ -236,7 +235,11 @@ class _Run:
                 f"world_size = {self.eff_batch}"
             )
         self.peak_lr = scaled_lr(cfg.optim, self.eff_batch)
-        self.optimizer = build_optimizer(self.module, cfg, self.peak_lr, dev, self.log)
+        self.opt_specs = self.task.optimizer_specs(self.module)
+        self.optimizers = [
+            build_optimizer(sp.groups, cfg, self.peak_lr * sp.lr_scale, dev, self.log, betas=sp.betas)
+            for sp in self.opt_specs
+        ]
         self.scaler = torch.amp.GradScaler(dev.type) if precision == "fp16" else None
 
         # data
@@ -315,7 +318,7 @@ class _Run:
             )
         dsd = _dsd()
         dsd.set_optimizer_state_dict(
-            self.module, self.optimizer, ckpt["optimizer"], options=dsd.StateDictOptions(full_state_dict=True)
+            self.module, self.optimizers, ckpt["optimizer"], options=dsd.StateDictOptions(full_state_dict=True)
         )
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -387,7 +390,7 @@ class _Run:
         dsd = _dsd()
         opts = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = dsd.get_model_state_dict(self.module, options=opts)
-        optim_sd = dsd.get_optimizer_state_dict(self.module, self.optimizer, options=opts)
+        optim_sd = dsd.get_optimizer_state_dict(self.module, self.optimizers, options=opts)
         rngs = all_gather_object(ckpt_mod.capture_rng_state(info.device), info)
         loaders = all_gather_object(self.loader.state_dict(), info)
         if not self.main:
@@ -420,11 +423,16 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
 
-    def _train_step(self, it) -> tuple[float | None, bool, float, int | None]:
-        """One optimizer step over ``accum`` micro-batches. Returns (rank-mean loss or None, applied, lr, stop): stop
-        is the stop signal some rank received, or None (decided together, in the same all-reduce as the loss)."""
+    def _train_step(self, it) -> tuple[float | None, dict, bool, float, int | None]:
+        """One optimizer step (of every optimizer of the task) over ``accum`` micro-batches.
+
+        Returns (rank-mean loss or None, rank-mean metrics, applied, lr, stop); stop is the stop signal some rank
+        received, or None. Finiteness, stop requests, losses and metrics travel in one all-reduce, so every rank takes
+        the same decisions.
+        """
         info, dev, accum = self.info, self.info.device, self.accum
-        loss_sum = torch.zeros((), device=dev, dtype=torch.float32)
+        sums: torch.Tensor | None = None  # [loss of each optimizer ..., metric ...] summed over micro-batches
+        metric_keys: list[str] = []
         for a in range(accum):
             try:
                 batch = next(it)
@@ -433,23 +441,26 @@ class _Run:
                     f"data loader ended after fewer batches than len(loader)={len(self.loader)} promised "
                     f"(step {self.step + 1}, micro-batch {a})"
                 ) from None
-            imgs = batch.images.to(dev, non_blocking=True)
             with grad_sync(self.model, a == accum - 1):
                 with self._autocast():
-                    loss, _, _ = self.model(imgs, self.cfg.model.mask_ratio)
-                loss_d = loss.detach().float()
-                scaled = loss / accum
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += loss_d
-        # every rank takes the same decisions from one all-reduce: [ranks with a non-finite loss, ranks that got each
-        # stop signal, sum of the rank losses]
-        packed = torch.zeros(2 + len(STOP_SIGNALS), device=dev)
-        packed[0] = (~torch.isfinite(loss_sum)).to(torch.float32)
+                    losses, metrics = self.task.losses(self.model, batch, dev, self.step)
+                total = sum(losses[sp.name] for sp in self.opt_specs) / accum
+                (self.scaler.scale(total) if self.scaler is not None else total).backward()
+            metric_keys = sorted(metrics)
+            vals = [losses[sp.name].detach().float().reshape(()) for sp in self.opt_specs]
+            vals += [torch.as_tensor(metrics[k], device=dev).detach().float().reshape(()) for k in metric_keys]
+            sums = torch.stack(vals) if sums is None else sums + torch.stack(vals)
+        n_loss = len(self.opt_specs)
+        # [ranks with a non-finite loss, ranks that got each stop signal, losses and metrics summed over ranks]
+        head = torch.zeros(1 + len(STOP_SIGNALS), device=dev)
+        head[0] = (~torch.isfinite(sums[:n_loss]).all()).to(torch.float32)
         if self.signals.signum is not None:
-            packed[1 + STOP_SIGNALS.index(self.signals.signum)] = 1.0
-        packed[-1] = loss_sum / accum
-        n_bad, *got, total = all_reduce_sum(packed, info).tolist()
-        ok, loss_val = n_bad == 0, total / info.world_size
+            head[1 + STOP_SIGNALS.index(self.signals.signum)] = 1.0
+        packed = all_reduce_sum(torch.cat([head, sums / accum]), info).tolist()
+        n_bad, got, rest = packed[0], packed[1 : len(head)], [v / info.world_size for v in packed[len(head) :]]
+        ok, loss_val = n_bad == 0, rest[0]
+        metrics_out = {sp.name: v for sp, v in zip(self.opt_specs[1:], rest[1:n_loss], strict=True)}
+        metrics_out.update(zip(metric_keys, rest[n_loss:], strict=True))
         stop = next((s for s, n in zip(STOP_SIGNALS, got, strict=True) if n > 0), None)
         lr = lr_at(
             self.sched_step,
@@ -460,19 +471,24 @@ class _Run:
         )
         applied = False
         if ok:
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            if self.cfg.optim.clip_grad is not None:
-                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.clip_grad)
+            active = list(zip(self.opt_specs, self.optimizers, strict=True))
+            for sp, o in active:
+                for g in o.param_groups:
+                    g["lr"] = lr * sp.lr_scale
+                if self.scaler is not None:
+                    self.scaler.unscale_(o)
+                if self.cfg.optim.clip_grad is not None:
+                    params = [p for g in o.param_groups for p in g["params"]]
+                    nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
             if self.scaler is not None:
                 scale = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)
+                for _, o in active:
+                    self.scaler.step(o)
                 self.scaler.update()
                 applied = self.scaler.get_scale() >= scale  # the scaler skips steps with inf/nan gradients
             else:
-                self.optimizer.step()
+                for _, o in active:
+                    o.step()
                 applied = True
             if applied:
                 self.sched_step += 1
@@ -482,8 +498,9 @@ class _Run:
                 f"(train.nan_policy=stop). {self._last_checkpoint_note()} Lower optim.blr / set optim.clip_grad, or "
                 "pass train.nan_policy=skip to drop such steps and continue."
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        return (loss_val if ok else None), applied, lr, stop
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        return (loss_val if ok else None), metrics_out, applied, lr, stop
 
     def _last_checkpoint_note(self) -> str:
         if self.last_checkpoint is None:
@@ -540,7 +557,7 @@ class _Run:
             epoch = self.step // self.steps_per_epoch
             it = iter(self.loader)
             while self.step < self.stop and self.step // self.steps_per_epoch == epoch:
-                loss, applied, lr, stop = self._train_step(it)
+                loss, metrics, applied, lr, stop = self._train_step(it)
                 self.step += 1
                 if loss is None:
                     self.skipped += 1
@@ -568,13 +585,15 @@ class _Run:
                         "loss": loss,
                         "lr": lr,
                         "skipped": loss is None or not applied,
+                        **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()},
                     }
                     self.metrics_file.write(json.dumps(rec) + "\n")
                 if self.step % t.log_every == 0 or self.step == self.stop:
                     shown = "nan (skipped)" if loss is None else f"{loss:.4f}"
+                    extra = "".join(f" | {k} {v:.4g}" for k, v in metrics.items())
                     self.log(
                         f"step {self.step:>6}/{self.stop} | epoch {self.step / self.steps_per_epoch:6.2f} | "
-                        f"loss {shown} | lr {_fmt_lr(lr)} | {ips:8.1f} img/s | "
+                        f"loss {shown}{extra} | lr {_fmt_lr(lr)} | {ips:8.1f} img/s | "
                         f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'} | "
                         f"{format_duration(bar.elapsed(now))}<{format_duration(bar.eta(self.step, now))}"
                     )
@@ -582,6 +601,8 @@ class _Run:
                         if loss is not None:
                             self.tb.add_scalar("train/loss", loss, self.step)
                         self.tb.add_scalar("train/lr", lr, self.step)
+                        for k, v in metrics.items():
+                            self.tb.add_scalar(f"train/{k}", v, self.step)
                         self.tb.add_scalar("perf/img_per_sec", ips, self.step)
                         if mfu is not None:
                             self.tb.add_scalar("perf/mfu", mfu, self.step)

@@ -48,12 +48,19 @@ def param_groups(model: nn.Module, weight_decay: float, *, no_decay_tokens: bool
 
 
 def build_optimizer(
-    model: nn.Module, cfg: RunConfig, lr: float, device: torch.device, log: Callable[[str], None]
+    groups: list[dict],
+    cfg: RunConfig,
+    lr: float,
+    device: torch.device,
+    log: Callable[[str], None],
+    *,
+    betas: tuple[float, float] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups` (torch's fused kernel on CUDA unless ``optim.fused`` says otherwise), or apex's
-    FusedAdam with ``optim.apex=true`` when it imports and the run is on CUDA (``log`` says why not otherwise)."""
+    """AdamW over ``groups`` (:func:`param_groups`; torch's fused kernel on CUDA unless ``optim.fused`` says
+    otherwise), or apex's FusedAdam with ``optim.apex=true`` when it imports and the run is on CUDA (``log`` says why
+    not otherwise). ``betas`` defaults to ``optim.betas``."""
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay, no_decay_tokens=o.no_decay_tokens)
+    betas = o.betas if betas is None else betas
     if o.apex:
         try:
             from apex.optimizers import FusedAdam
@@ -62,7 +69,7 @@ def build_optimizer(
         else:
             why = "apex FusedAdam needs CUDA" if device.type != "cuda" else None
         if why is None:
-            return FusedAdam(groups, lr=lr, betas=o.betas, eps=o.eps, adam_w_mode=True)
+            return FusedAdam(groups, lr=lr, betas=betas, eps=o.eps, adam_w_mode=True)
         log(f"note: optim.apex=true but {why}; using torch.optim.AdamW")
     fused = o.fused if o.fused is not None else device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=o.eps, fused=fused or None)

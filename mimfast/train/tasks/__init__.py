@@ -1,0 +1,123 @@
+"""Tasks: how each method plugs into the one training loop (STYLE.md, "one loop, many methods").
+
+The loop (:mod:`mimfast.train.loop`) owns everything methods share: precision, distribution, accumulation, clipping,
+schedules, checkpoints, resume, progress, logging and the NaN guard. A :class:`Task` owns what differs: how a batch
+becomes losses and metrics, which parameters each optimizer updates (a GAN tokenizer has two), the FLOPs per image
+behind MFU, and what ``mimfast probe`` / ``reconstruct`` need (features, reconstruction columns). A model class names
+its task in its ``task`` attribute (``MaskedAutoencoderViT.task = "mae"``); :func:`task_for` finds the class
+registered under that name with :func:`register_task`. Adding a method adds a task, never a branch in the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..optim import param_groups
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+__all__ = ["OptimizerSpec", "Task", "register_task", "task_for", "tasks"]
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+@dataclass
+class OptimizerSpec:
+    """One optimizer of a task: AdamW over ``groups`` (``[{"params": [...], "weight_decay": ...}, ...]``)."""
+
+    name: str
+    """Name of the optimizer; :meth:`Task.losses` returns one loss under this name."""
+    groups: list[dict]
+    """AdamW parameter groups; the parameters of different optimizers must be disjoint."""
+    lr_scale: float = 1.0
+    """This optimizer's lr = ``lr_scale`` x the run's scheduled lr."""
+    betas: tuple[float, float] | None = None
+    """AdamW betas; None = ``optim.betas``."""
+
+
+class Task:
+    """Base class: the MAE-like default of one optimizer over every trainable parameter of the model.
+
+    Subclasses set :attr:`name` and implement :meth:`losses`; the rest has defaults.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: RunConfig | None):
+        self.cfg = cfg  # None: evaluation of a bare model (features only)
+
+    # ---------------------------------------------------------------------------------------------- building
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`~mimfast.train.config.ConfigError` when the model does not fit the run's config."""
+        from ..config import ConfigError
+
+        img = getattr(getattr(model, "config", None), "img_size", None)
+        if img is not None and img != self.cfg.data.img_size:
+            raise ConfigError(
+                f"data.img_size={self.cfg.data.img_size} but model {self.cfg.model.name} takes {img} px images; "
+                f"set data.img_size={img} (or model.overrides.img_size=...)"
+            )
+
+    def optimizer_specs(self, model: nn.Module) -> list[OptimizerSpec]:
+        """The task's optimizers (default: one, over MAE's weight-decay groups of every trainable parameter)."""
+        o = self.cfg.optim
+        return [OptimizerSpec("model", param_groups(model, o.weight_decay, no_decay_tokens=o.no_decay_tokens))]
+
+    def flops_per_image(self, model: nn.Module) -> float | None:
+        """Training FLOPs per image (for MFU); None when unknown."""
+        return None
+
+    # ---------------------------------------------------------------------------------------------- training
+    def losses(self, model: nn.Module, batch, device: torch.device, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """One micro-batch of optimizer step ``step + 1``: ``({optimizer name: scalar loss}, {metric: scalar})``.
+
+        ``model`` is the wrapped model (DDP / FSDP2: call it, do not reach around it for the forward); ``batch`` is
+        the loader's :class:`~mimfast.data.Batch`; ``step`` counts the optimizer steps done (for loss schedules,
+        e.g. a discriminator weight that is 0 before its start step). The loop backpropagates the *sum* of the
+        losses once and steps every optimizer every step, so each loss may only produce gradients in its own
+        optimizer's parameters (use detached inputs / parameters otherwise). Metrics are averaged over micro-batches
+        and ranks and logged next to the loss; keep their keys the same on every call.
+        """
+        raise NotImplementedError(f"{type(self).__name__}.losses")
+
+    # -------------------------------------------------------------------------------------------- evaluation
+    def features(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Frozen features for ``mimfast probe``: ``{"cls": (B, D), "mean": (B, D)}`` (eval mode, no masking)."""
+        raise TypeError(f"the {self.name} task has no features for a linear probe")
+
+    def reconstruction(self, model: nn.Module, images: torch.Tensor, *, generator: torch.Generator,
+                       mask_ratio: float | None = None) -> tuple[list[str], list[torch.Tensor]]:  # fmt: skip
+        """Columns of ``mimfast reconstruct``'s grid: ``(titles, [(B, C, H, W) in the input's normalised space])``."""
+        raise TypeError(f"the {self.name} task has no reconstruction")
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: register a task under ``cls.name``."""
+    if not cls.name or cls.name in _TASKS:
+        raise ValueError(f"register_task: {cls.__name__} needs a new, non-empty name (got {cls.name!r})")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def tasks() -> list[str]:
+    """Registered task names."""
+    return sorted(_TASKS)
+
+
+def task_for(model: nn.Module, cfg: RunConfig | None = None) -> Task:
+    """The task of ``model`` (its class's ``task`` attribute), built for ``cfg`` (a run's config; None for a bare
+    model, enough for :meth:`Task.features`)."""
+    name = getattr(model, "task", None)
+    if name not in _TASKS:
+        raise TypeError(
+            f"{type(model).__name__} names no registered training task (task={name!r}; registered: {tasks()})"
+        )
+    return _TASKS[name](cfg)
+
+
+from . import mae as _mae  # noqa: E402, F401  (registers the built-in tasks)
