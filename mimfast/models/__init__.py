@@ -2,5 +2,6 @@
 
 from .mae import MAEConfig, MaskedAutoencoderViT
 from .registry import create_model, list_models, register_model
+from .vqgan import VQGAN, VQGANConfig
 
-__all__ = ["MAEConfig", "MaskedAutoencoderViT", "create_model", "list_models", "register_model"]
+__all__ = ["VQGAN", "MAEConfig", "MaskedAutoencoderViT", "VQGANConfig", "create_model", "list_models", "register_model"]
