@@ -10,9 +10,12 @@ Public API::
     x = mimfast.gather_tokens(tokens, m.ids_keep, pos=pos)         # visible tokens (+ pos, + cls) in one pass
     y = mimfast.restore_tokens(x, m.ids_restore, mask_token)       # decoder order, mask tokens filled
     mae = mimfast.create_model("mae_vit_base_patch16_dec512d8b")   # loss, pred, mask = mae(images)
+    crit = mimfast.VQGANLoss(feature_extractor=net)                # tokenizer losses (mimfast.losses)
 """
 
+from . import losses
 from .layers import VectorQuantizer
+from .losses import VQGANLoss, patch_nce_loss, probabilistic_contrastive_loss
 from .models import create_model, list_models
 from .ops import (
     QuantizeInfo,
@@ -33,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "QuantizeInfo",
+    "VQGANLoss",
     "VectorQuantizer",
     "__version__",
     "beit_block_masking",
@@ -41,7 +45,10 @@ __all__ = [
     "create_model",
     "gather_tokens",
     "list_models",
+    "losses",
     "mage_masking",
+    "patch_nce_loss",
+    "probabilistic_contrastive_loss",
     "quantize",
     "quantize_with_info",
     "random_masking",

@@ -107,3 +107,60 @@ def test_two_optimizers_late_start_metrics_and_exact_resume(tmp_path, monkeypatc
         for k, v in st.items():
             assert torch.equal(v, b["optimizer"]["state"][fqn][k]), (fqn, k)
     assert rows == [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------- the tokenizer task
+def _tok(out, *extra):
+    return get_config("vqgan_debug", [f"train.out_dir={out}", "train.progress=lines", "train.log_every=2",
+                                      "model.loss.disc_start=3", *extra])  # fmt: skip
+
+
+def test_loss_options_are_checked_by_the_task(tmp_path):
+    from mimfast.train import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.loss\.disc_strat: unknown option of the tokenizer task; valid: .*"
+                                          r"model\.loss\.disc_start"):  # fmt: skip
+        pretrain(_tok(tmp_path, "model.loss.disc_strat=3"))
+    with pytest.raises(ConfigError, match=r"model\.loss\.contrastive needs a feature extractor"):
+        pretrain(_tok(tmp_path, "model.loss.contrastive=pcl"))
+    with pytest.raises(ConfigError, match=r"model\.loss\.disc_weight: expected a finite number >= 0, got -1"):
+        pretrain(_tok(tmp_path, "model.loss.disc_weight=-1"))
+    with pytest.raises(ConfigError, match=r"the mae task takes no loss options"):
+        pretrain(get_config("mae_debug", [f"train.out_dir={tmp_path}", "model.loss.disc_start=3"]))
+
+
+@needs_dali
+def test_tokenizer_trains_with_a_late_discriminator_resumes_exactly_and_reconstructs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from mimfast.cli import main
+
+    seen = {}
+
+    def on_step(step, model, m):
+        seen[step] = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("loss.disc")}
+
+    straight = tmp_path / "straight"
+    pretrain(_tok(straight, "train.max_steps=5", "model.loss.perceptual=self"), on_step=on_step)
+    keys = sorted(seen[1])
+    assert keys and all(k.startswith("loss.discriminator.") for k in keys)
+    for step in (2, 3):  # zero discriminator loss before disc_start=3 (steps 1..3 run with 0..2 steps done)
+        assert all(torch.equal(seen[step][k], seen[1][k]) for k in keys), step
+    assert any(not torch.equal(seen[5][k], seen[3][k]) for k in keys), "the discriminator never trained"
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert {"rec_l1", "codebook", "perplexity", "used", "disc", "g_loss", "d_weight"} <= set(rows[-1])
+    assert rows[1]["d_weight"] == 0 and rows[-1]["d_weight"] > 0  # VQGAN's adaptive weight once the GAN counts
+    resumed = tmp_path / "resumed"
+    pretrain(_tok(resumed, "train.max_steps=2", "model.loss.perceptual=self"))
+    pretrain(_tok(resumed, "train.max_steps=5", "model.loss.perceptual=self", "train.resume=auto"))
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert any(k.startswith("loss.discriminator.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    capsys.readouterr()
+    png = tmp_path / "grid.png"
+    assert main(["reconstruct", "--checkpoint", str(straight), "--num-images", "3", "--out", str(png)]) == 0
+    from PIL import Image
+
+    assert Image.open(png).size == (2 * (128 + 2) + 2, 3 * (128 + 2) + 2)  # two columns: original | reconstruction
+    assert main(["probe", "--checkpoint", str(straight), "--steps", "5"]) == 2
+    assert "the tokenizer task gives no 'cls' feature" in capsys.readouterr().err

@@ -211,13 +211,19 @@ class Encoder(nn.Module):
         self.norm_out = _norm(widths[-1], g)
         self.conv_out = nn.Conv2d(widths[-1], c.z_channels, 3, padding=1)
 
-    def forward(self, x):
+    def forward(self, x, features: bool = False):
+        """``features=True``: the list of every level's output and the middle's (perceptual / contrastive
+        features) instead of the latents."""
         h = self.conv_in(x)
+        feats = []
         for level in self.down:
             h = level(h)
+            feats.append(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid(h)
+        if features:
+            return [*feats, h]
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -405,7 +411,7 @@ def vqgan_f8_k8192(**kwargs) -> VQGAN:
 
 @register_model
 def vqgan_f4_k128_debug(**kwargs) -> VQGAN:
-    """A tiny tokenizer for tests and CPU runs: 32 px -> 8x8 tokens, 128 codes of dim 32, width 32."""
-    cfg = dict(img_size=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
+    """A tiny tokenizer for tests and CPU runs: 32 px -> 8x8 tokens, 128 codes of dim 32, width 16."""
+    cfg = dict(img_size=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=32,
                embed_dim=32, codebook_size=128, num_groups=8)  # fmt: skip
     return VQGAN(**{**cfg, **kwargs})

@@ -85,6 +85,9 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Keyword overrides for the model's constructor / config, e.g. ``{"norm_pix_loss": False, "fused": False}``;
     set one on the command line with ``model.overrides.norm_pix_loss=false``."""
+    loss: dict[str, Any] = field(default_factory=dict)
+    """Options of the training objective, checked by the model's task (``mimfast.train.tasks``): e.g. for a
+    tokenizer ``model.loss.disc_start=2000 model.loss.perceptual=self``; MAE takes none."""
 
     def __post_init__(self):
         known = list_models()
@@ -92,8 +95,10 @@ class ModelConfig:
             _fail("model", "name", f"a registered model name ({', '.join(known)})", self.name)
         if not (_is_num(self.mask_ratio) and 0.0 <= self.mask_ratio < 1.0):
             _fail("model", "mask_ratio", "a float in [0, 1)", self.mask_ratio)
-        if not isinstance(self.overrides, dict) or not all(isinstance(k, str) for k in self.overrides):
-            _fail("model", "overrides", "a dict with str keys", self.overrides)
+        for name in ("overrides", "loss"):
+            v = getattr(self, name)
+            if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+                _fail("model", name, "a dict with str keys", v)
 
 
 @dataclass
@@ -369,11 +374,58 @@ def _mae_debug() -> RunConfig:
     )
 
 
+def _tokenizer_debug(name: str, quantizer: str, epochs: int, **loss) -> RunConfig:
+    # The debug tokenizers of the stochastic-quantization issue: vqgan_f4_k128_debug (1M params, 32 px -> 8x8 tokens
+    # of 128 codes) on the built-in dataset, CPU-sized and deterministic. Adam(0.5, 0.9) without weight decay as
+    # taming; the discriminator joins for the second half of the run.
+    steps = epochs * 62
+    return RunConfig(
+        model=ModelConfig(
+            name="vqgan_f4_k128_debug",
+            overrides={"quantizer": quantizer},
+            loss={"disc_start": steps // 2, "disc_ndf": 32, "disc_layers": 2, **loss},
+        ),  # fmt: skip
+        data=DataConfig(root="builtin", img_size=32, num_threads=1),
+        optim=OptimConfig(blr=0.04, betas=(0.5, 0.9), weight_decay=0.0, warmup_epochs=0.5, min_lr=1e-4),
+        train=TrainConfig(
+            epochs=epochs,
+            batch_size=32,
+            precision="fp32",
+            out_dir=f"runs/{name}",
+            ckpt_every=4 * 62,
+            keep_last=2,
+            log_every=31,
+            tensorboard=False,
+            num_threads=1,
+            deterministic=True,
+        ),
+        preset=name,
+    )
+
+
+def _vqgan_f16_imagenet() -> RunConfig:
+    # taming-transformers' ImageNet VQGAN (configs/imagenet_vqgan.yaml): f16, 1024 codes of dim 256, 256 px, Adam
+    # (0.5, 0.9) at base lr 4.5e-6 per image (blr 4.5e-6 * 256 here), disc_start 250001, disc_weight 0.8, codebook
+    # weight 1. Its LPIPS perceptual term needs VGG weights that mimfast cannot download: pass your own extractor with
+    # model.loss.perceptual=pkg.module:factory. Epochs and the per-GPU batch are estimates, not measured here.
+    return RunConfig(
+        model=ModelConfig(name="vqgan_f16_k1024", loss={"disc_start": 250001, "disc_weight": 0.8}),
+        data=DataConfig(root="/data/imagenet", img_size=256),
+        optim=OptimConfig(blr=4.5e-6 * 256, betas=(0.5, 0.9), weight_decay=0.0, warmup_epochs=0.0, min_lr=4.5e-6 * 96),
+        train=TrainConfig(
+            epochs=40, batch_size=12, precision="bf16", out_dir="runs/vqgan_f16_imagenet", ckpt_every=5000, log_every=50
+        ),  # fmt: skip
+        preset="vqgan_f16_imagenet",
+    )
+
+
 PRESETS = {
     "mae_vit_base": lambda: _mae_preset("mae_vit_base", "mae_vit_base_patch16_dec512d8b", 256),
     "mae_vit_large": lambda: _mae_preset("mae_vit_large", "mae_vit_large_patch16_dec512d8b", 128),
     "mae_vit_huge": lambda: _mae_preset("mae_vit_huge", "mae_vit_huge_patch14_dec512d8b", 64),
     "mae_debug": _mae_debug,
+    "vqgan_debug": lambda: _tokenizer_debug("vqgan_debug", "vq", 8),
+    "vqgan_f16_imagenet": _vqgan_f16_imagenet,
 }
 
 
@@ -421,7 +473,7 @@ def valid_keys(cfg: RunConfig) -> list[str]:
     keys = []
     for sec in SECTIONS:
         keys += [f"{sec}.{f.name}" for f in dataclasses.fields(getattr(cfg, sec))]
-    keys.append("model.overrides.<name>")
+    keys += ["model.overrides.<name>", "model.loss.<name>"]
     return keys
 
 
@@ -518,8 +570,8 @@ def apply_overrides(cfg: RunConfig, overrides: typing.Sequence[str]) -> RunConfi
             raise ConfigError(f"override {key!r}: unknown key; valid keys: {', '.join(valid_keys(cfg))}")
         sec_name, name = parts[0], parts[1]
         section = getattr(cfg, sec_name)
-        if sec_name == "model" and name == "overrides" and len(parts) == 3:
-            value = {**section.overrides, parts[2]: _literal(raw)}
+        if sec_name == "model" and name in ("overrides", "loss") and len(parts) == 3:
+            value = {**getattr(section, name), parts[2]: _literal(raw)}
         elif len(parts) == 2 and name in {f.name for f in dataclasses.fields(section)}:
             tp = _section_types(type(section))[name]
             try:

@@ -108,6 +108,7 @@ def load_pretrained(checkpoint: str | Path, *, random_init: bool = False, seed: 
         except (TypeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{source}: its model {cfg.model.name!r} (overrides {overrides!r}) cannot be "
                                   f"built: {e}") from None  # fmt: skip
+        model = task_for(model, cfg).prepare_model(model)  # e.g. a tokenizer's loss, saved with it
     step = 0
     if not random_init:
         load_model_state(model, ckpt["model"], source=f"{source} (model {cfg.model.name}, overrides {overrides!r})")
@@ -137,6 +138,10 @@ def extract_pooled_features(model: nn.Module, loader, *, pools=POOLS, device=Non
     n_batches = len(loader)
     for i, batch in enumerate(loader):
         pooled = task.features(model, batch.images.to(device, non_blocking=True))
+        missing = [p for p in pools if p not in pooled]
+        if missing:
+            raise ValueError(f"pool: the {task.name} task gives no {missing[0]!r} feature (it gives "
+                             f"{', '.join(pooled)}); pass --pool {next(iter(pooled))}")  # fmt: skip
         keep = batch.valid.to(torch.bool).cpu()
         for p in pools:
             feats[p].append(pooled[p].float().cpu()[keep])

@@ -181,6 +181,7 @@ class _Run:
             self.task = task_for(model, cfg)
         except TypeError as e:
             raise ConfigError(f"model.name={cfg.model.name!r}: {e}") from None
+        model = self.task.prepare_model(model)
         self.task.check_model(model)
         self.flops_per_image = self.task.flops_per_image(model)
         self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -10,6 +10,7 @@ registered under that name with :func:`register_task`. Adding a method adds a ta
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -47,13 +48,40 @@ class Task:
     """
 
     name: ClassVar[str] = ""
+    options: ClassVar[type | None] = None
+    """A dataclass of the task's ``model.loss`` options (None: the task takes none)."""
 
     def __init__(self, cfg: RunConfig | None):
         self.cfg = cfg  # None: evaluation of a bare model (features only)
+        self.opts = self._parse_options(cfg.model.loss if cfg is not None else {})
+
+    def _parse_options(self, given: dict):
+        from ..config import ConfigError
+
+        if self.options is None:
+            if given:
+                raise ConfigError(f"model.loss={given!r}: the {self.name} task takes no loss options")
+            return None
+        valid = [f.name for f in dataclasses.fields(self.options)]
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ConfigError(f"model.loss.{unknown[0]}: unknown option of the {self.name} task; valid: "
+                              f"{', '.join(f'model.loss.{v}' for v in valid)}")  # fmt: skip
+        try:
+            return self.options(**given)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.loss={given!r}: {e}") from None
 
     # ---------------------------------------------------------------------------------------------- building
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Attach what training needs beyond the registered model (a tokenizer's loss and discriminator, as taming
+        keeps them in ``model.loss``); the result is what the loop wraps and checkpoints, and what ``mimfast probe``
+        / ``reconstruct`` rebuild. Default: the model itself."""
+        return model
+
     def check_model(self, model: nn.Module) -> None:
-        """Raise :class:`~mimfast.train.config.ConfigError` when the model does not fit the run's config."""
+        """Raise :class:`~mimfast.train.config.ConfigError` when the model or ``model.loss`` options do not fit the
+        run's config."""
         from ..config import ConfigError
 
         img = getattr(getattr(model, "config", None), "img_size", None)
@@ -88,12 +116,12 @@ class Task:
     # -------------------------------------------------------------------------------------------- evaluation
     def features(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frozen features for ``mimfast probe``: ``{"cls": (B, D), "mean": (B, D)}`` (eval mode, no masking)."""
-        raise TypeError(f"the {self.name} task has no features for a linear probe")
+        raise ValueError(f"the {self.name} task has no features for a linear probe")
 
     def reconstruction(self, model: nn.Module, images: torch.Tensor, *, generator: torch.Generator,
                        mask_ratio: float | None = None) -> tuple[list[str], list[torch.Tensor]]:  # fmt: skip
         """Columns of ``mimfast reconstruct``'s grid: ``(titles, [(B, C, H, W) in the input's normalised space])``."""
-        raise TypeError(f"the {self.name} task has no reconstruction")
+        raise ValueError(f"the {self.name} task has no reconstruction")
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -121,3 +149,4 @@ def task_for(model: nn.Module, cfg: RunConfig | None = None) -> Task:
 
 
 from . import mae as _mae  # noqa: E402, F401  (registers the built-in tasks)
+from . import tokenizer as _tokenizer  # noqa: E402, F401
