@@ -28,14 +28,23 @@ setup(
     package_dir={"mimfast": "mimfast", "mimfast.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",  # torch.library.custom_op / register_fake / register_autograd
+        # Compiled kernels: triton 3.2 and later (the compile gate, bench/compile_report.py, is run with 3.6 and 3.9).
+        # The CPU interpreter of triton <= 3.6 fails under NumPy >= 2.4 ("only 0-dimensional arrays can be converted
+        # to Python scalars" on a range over a kernel argument; checked: 3.5.1 and 3.6.0 fail, 3.6.0 + NumPy 2.3.5 and
+        # 3.7.0 / 3.9.0 + NumPy 2.4 pass). Pinning either side here would break installs next to a CUDA torch that
+        # pins triton 3.6, so the interpreter pairing lives in the [dev] extra (the test-suite is what runs the
+        # interpreter: NumPy < 2.4 there) and mimfast.kernels raises a clear error for the broken pair at the first
+        # interpreted launch.
         "triton>=3.2; platform_system == 'Linux'",
-        "numpy",
+        "numpy>=1.24",
     ],
     extras_require={
         # the pretraining launcher: DALI pipelines (CPU-only pipelines work without a GPU), Pillow for the built-in
         # dataset's JPEGs and the reconstruction PNGs, TensorBoard for the scalars
         "train": TRAIN,
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff", *TRAIN],
+        # the test-suite runs the Triton interpreter on CPU: NumPy < 2.4 keeps every triton >= 3.2 working there
+        # (asking for triton >= 3.7 instead would conflict with CUDA builds of torch that pin triton 3.6)
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff", "numpy>=1.24,<2.4", *TRAIN],
         "bench": ["pytest-benchmark>=4", "vector-quantize-pytorch", *TRAIN],
         "dali": [DALI],
         # flash-attn has no PyPI wheel and builds from source against CUDA; it stays optional and is never required.

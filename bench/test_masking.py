@@ -18,7 +18,7 @@ from mimfast.ops.tokens import gather_tokens, restore_tokens
 
 CUDA = torch.cuda.is_available()
 # (B, L, Lk, D_enc, D_dec)
-GPU_SHAPES = [(256, 196, 49, 768, 512), (1024, 196, 49, 768, 512), (256, 256, 128, 768, 512)]
+GPU_SHAPES = [(256, 196, 49, 768, 512), (1024, 196, 49, 768, 512), (256, 256, 128, 768, 512), (32, 196, 49, 768, 512)]
 CPU_SHAPES = [(16, 196, 49, 64, 32)]
 OPS = ["gather", "restore", "gather_fwd_bwd", "restore_fwd_bwd"]
 PROVIDERS = ["mimfast", "mae_ref", "compile"]

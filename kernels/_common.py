@@ -13,6 +13,9 @@ Backend rule, the same for every op:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 
@@ -51,6 +54,23 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+@functools.cache
+def check_interpreter_versions() -> None:
+    """Raise a clear error for the one known-broken pair: the interpreter of triton <= 3.6 under NumPy >= 2.4 fails
+    on ``range`` over a kernel argument (setup.py's [dev] extra asks for triton >= 3.7 for that reason)."""
+    import numpy
+
+    def major_minor(v: str) -> tuple[int, int]:
+        parts = (v.split("+")[0].split(".") + ["0"])[:2]
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+    if major_minor(triton.__version__) <= (3, 6) and major_minor(numpy.__version__) >= (2, 4):
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1 with triton {triton.__version__} and NumPy {numpy.__version__}: the interpreter of "
+            "triton <= 3.6 fails under NumPy >= 2.4. Install triton >= 3.7 (pip install -e '.[dev]') or NumPy < 2.4."
+        )
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether an op over ``tensors`` should launch its Triton kernel (see the module docstring)."""
     if not HAS_TRITON:
@@ -58,7 +78,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if any(t.dtype == torch.float64 for t in tensors):
         return False
     dev = tensors[0].device.type
-    return dev == "cuda" or (dev == "cpu" and interpret_mode())
+    if dev == "cpu" and interpret_mode():
+        check_interpreter_versions()
+        return True
+    return dev == "cuda"
 
 
 def store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -100,39 +123,139 @@ def tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-def fp32_dot_precision() -> str:
-    """Triton ``input_precision`` for fp32 operands, following torch's own matmul setting.
+# --------------------------------------------------------------------------------------------- device and target
+def device_guard(device: torch.device | str):
+    """Context that makes ``device`` current for a launch when it is a CUDA device.
 
-    ``torch.get_float32_matmul_precision() == "highest"`` (torch's default) gives full-fp32 ("ieee") products, as
-    ``x @ codebook.T`` would in eager mode; "high"/"medium" allow TF32 tensor cores, as they do for torch matmuls.
+    Triton launches on the *current* CUDA device and its current stream; tensors on ``cuda:1`` while ``cuda:0`` is
+    current would otherwise be read through the wrong device's context. Non-CUDA devices need no guard.
     """
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchTarget:
+    """What launch heuristics need to know about the GPU: SM count, the per-CTA shared-memory limit (opt-in
+    maximum), compute capability (major * 10 + minor)."""
+
+    num_sms: int
+    smem_per_cta: int
+    capability: int
+
+
+# The interpreter (and CPU) plans launches as on an H100 / H200 (132 SMs, 227 KB of shared memory per CTA), so the
+# test-suite runs the same tile and split decisions as the GPU the benchmarks target.
+DEFAULT_TARGET = LaunchTarget(num_sms=132, smem_per_cta=232448, capability=90)
+_target_override: LaunchTarget | None = None
+
+
+def set_launch_target(target: LaunchTarget | None) -> LaunchTarget | None:
+    """Plan every launch for ``target`` instead of the tensors' device (the compile gate's hook); returns the
+    previous override. ``None`` restores the default behaviour."""
+    global _target_override
+    prev, _target_override = _target_override, target
+    return prev
+
+
+@functools.cache
+def _cuda_target(index: int) -> LaunchTarget:
+    p = torch.cuda.get_device_properties(index)
+    cap = p.major * 10 + p.minor
+    smem = getattr(p, "shared_memory_per_block_optin", 0) or {90: 232448, 80: 166912, 87: 166912}.get(cap, 101376)
+    return LaunchTarget(num_sms=p.multi_processor_count, smem_per_cta=int(smem), capability=cap)
+
+
+def launch_target(device: torch.device) -> LaunchTarget:
+    """The GPU a launch on ``device`` is planned for (see :class:`LaunchTarget`)."""
+    if _target_override is not None:
+        return _target_override
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_TARGET
 
 
 # ---------------------------------------------------------------------------------------------- launch heuristics
-def vq_search_config(n: int, k: int, d: int, elem_bytes: int) -> dict:
-    """Tile sizes for the fused codebook search (shape dims only).
+VQ_MAX_RESIDENT_D = 256  # x stays resident (one dot per codebook tile) up to this padded feature size
+VQ_SPLIT_MIN_CODES = 512  # a split-K program scans at least this many codes
+VQ_SPLIT_K_ALIGN = 128  # codes per split are a multiple of every candidate BLOCK_K
 
-    BLOCK_N rows of x stay resident while the kernel streams the codebook in BLOCK_K x BLOCK_D tiles; every tile
-    dimension is >= 16 (tl.dot's minimum). Larger row tiles halve codebook re-reads; small N keeps 64 rows so that
-    more programs exist to fill the SMs.
+
+def vq_search_plan(
+    n: int, k: int, d: int, compute_bytes: int, fma: bool, target: LaunchTarget, interpret: bool = False
+) -> dict:
+    """Launch plan of the fused codebook search (shape dims and the target only).
+
+    * ``D_PAD = next_pow2(D)``; up to 256 (tensor cores) or 32 (the CUDA-core "ieee" path, whose operands live in
+      registers) the row tile of x is loaded once and stays resident while the codebook streams past it in
+      BLOCK_K x D_PAD tiles, one tl.dot per tile; beyond, the dot walks D in BLOCK_D chunks.
+    * BLOCK_N rows per program: 128 (two warpgroups of 64 rows) on tensor cores, 64 on the CUDA-core path.
+    * Split over K: when the row tiles alone give fewer than two CTAs per SM, each row tile's codebook scan is
+      split into up to ``ceil(2 * SMs / row_tiles)`` contiguous code ranges (each >= 512 codes, a multiple of 128)
+      and a merge pass keeps the lowest index among equal minima.
+    * ``candidates``: (BLOCK_K, num_warps, num_stages) choices that fit the target's shared memory and compile
+      without spills (the compile gate checks every one); the first is the heuristic's pick, and ``triton.autotune``
+      times the rest on the GPU. BLOCK_K = 32 keeps the running (best, index) pairs in ~100 registers, so two CTAs
+      share an SM and one's epilogue overlaps the other's MMAs (short rows: epilogue-bound); rows of 256 bytes or
+      more (bf16 D >= 128, fp32 D >= 64) are MMA-bound and prefer BLOCK_K = 64 (fewer re-reads of the resident x
+      tile per code).
+    * Targets with ~99 KB of shared memory per CTA (sm_86 / sm_89) get 64-row tiles at D = 256 (fp32: D >= 128).
+    * The interpreter (``interpret``) makes the same residency and split decisions with wider D chunks (its cost is
+      per tile step, not per element); its single autotune config has BLOCK_K = 128.
     """
-    block_d = min(max(16, next_pow2(d)), 128 if elem_bytes == 2 else 64)
-    block_k = min(128, max(16, next_pow2(k)))
-    block_n = 128 if n >= 16384 else 64
-    num_warps = 8 if block_n * block_k >= 128 * 128 else 4
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps, num_stages=3)
+    d_pad = max(16, next_pow2(d))
+    if fma:
+        resident = d_pad <= 32
+        block_n, block_d = 64, (d_pad if resident else 16)
+        cands = [(64, 4, 2), (32, 4, 2), (64, 8, 2)] if resident else [(64, 8, 2)]
+    else:
+        resident = d_pad <= VQ_MAX_RESIDENT_D
+        block_n = 128
+        block_d = d_pad if resident else (32 if compute_bytes == 2 else 16)
+        small = [(32, 8, 3), (64, 8, 3), (16, 8, 3)]
+        large = [(64, 8, 3), (32, 8, 3), (64, 8, 4)]
+        cands = large if d_pad * compute_bytes >= 256 else small
+        if target.smem_per_cta < 160 * 1024 and d_pad * compute_bytes >= 512:
+            block_n = 64
+            cands = [(bk, 4, st) for bk, _, st in cands]
+
+    def smem(bk: int, stages: int) -> int:
+        if resident:
+            return (block_n * d_pad + stages * bk * d_pad) * compute_bytes
+        return stages * (block_n + bk) * block_d * compute_bytes
+
+    k_pow2 = max(16, next_pow2(k))
+    kept = [(bk, w, st) for bk, w, st in cands if bk <= k_pow2 and smem(bk, st) <= target.smem_per_cta - 4096]
+    if not kept:  # the smallest tile, shallow pipeline
+        kept = [(16, 4 if block_n == 64 else 8, 2)]
+    if interpret:
+        block_n = min(block_n, max(16, next_pow2(n)))
+        block_d = block_d if resident else 128
+    row_tiles = -(-n // block_n)
+    split = 1
+    if row_tiles < 2 * target.num_sms:
+        split = min(-(-2 * target.num_sms // row_tiles), max(1, k // VQ_SPLIT_MIN_CODES))
+    k_per_split = -(-k // split)
+    k_per_split = -(-k_per_split // VQ_SPLIT_K_ALIGN) * VQ_SPLIT_K_ALIGN
+    split = -(-k // k_per_split)
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, D_PAD=d_pad, RESIDENT=resident, split=split,
+                k_per_split=k_per_split, candidates=kept)  # fmt: skip
 
 
-def token_rows_config(rows: int, d: int, interpret: bool = False, loop: bool = False) -> dict:
+def token_rows_config(rows: int, d: int, interpret: bool = False) -> dict:
     """Tile sizes for the token gather / restore kernels (shape dims only).
 
-    A program copies a BLOCK_L x BLOCK_D tile of rows (``loop``: walks all rows of one sample in BLOCK_L steps).
-    BLOCK_D covers up to 256 features (a 512 B bf16 row segment) so loads stay wide and coalesced. The interpreter
-    costs per program, not per element, so it gets the largest tiles.
+    A program copies a BLOCK_L x BLOCK_D tile of rows. BLOCK_D covers up to 256 features (a 512 B bf16 row
+    segment) so loads stay wide and coalesced; 16 rows x 256 features over 4 warps keep 32 elements per thread in
+    flight, and a (sample, row block, feature block) grid gives B * ceil(rows / 16) * ceil(D / 256) programs (384
+    at the smallest benchmark batch, B = 32 with 50 rows of 768 features). The interpreter costs per program, not
+    per element, so it gets the largest tiles.
     """
     if interpret:
         return dict(BLOCK_L=min(64, next_pow2(rows)), BLOCK_D=min(1024, next_pow2(d)), num_warps=4)
     block_d = min(256, next_pow2(d))
-    block_l = 32 if loop else max(1, min(16, next_pow2(rows)))
+    block_l = max(1, min(16, next_pow2(rows)))
     return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)

@@ -1,8 +1,8 @@
 """Block-wise (BEiT / CAE) mask generation for a whole batch in one launch: ``mimfast::block_mask``.
 
 BEiT's ``MaskingGenerator`` draws one mask per sample with Python's ``random`` on the CPU, inside the data loader.
-This op draws B masks on the device in one launch (one Triton program per sample, the sample's H*W mask held as a
-flattened vector in registers) with no host synchronisation. All randomness is drawn beforehand with torch (so it
+This op draws B masks on the device in one launch (one Triton program per sample, the sample's H x W mask held as a
+2-D tile in registers) with no host synchronisation. All randomness is drawn beforehand with torch (so it
 is seeded by a ``torch.Generator``) and the kernel and the reference consume it identically, which makes them
 bit-identical:
 
@@ -53,7 +53,16 @@ import warnings
 
 import torch
 
-from ._common import HAS_TRITON, check_same_device, check_tensor, interpret_mode, new_output, next_pow2, use_triton
+from ._common import (
+    HAS_TRITON,
+    check_same_device,
+    check_tensor,
+    device_guard,
+    interpret_mode,
+    new_output,
+    next_pow2,
+    use_triton,
+)
 
 if HAS_TRITON:
     import triton
@@ -77,15 +86,22 @@ def default_max_attempts(exact: bool) -> int:
     return DEFAULT_MAX_ATTEMPTS_EXACT if exact else DEFAULT_MAX_ATTEMPTS
 
 
-MAX_CELLS = 16384  # one program holds the flattened grid in registers
+# One program holds the grid in registers as a next_pow2(H) x next_pow2(W) tile: at most 16384 tile cells (128 x 128,
+# 1 x 16384, 64 x 256 ...: 32 cells per thread at 16 warps, no spills on sm_90); a 127 x 129 grid would need a
+# 128 x 256 tile and spill.
+MAX_CELLS = 16384
 MAX_MIN_NUM = 1 << 20  # keeps (max_mask - min_num) * u exact in float64 (20 + 24 bits)
 _ROUND_CLAMP = 1.0e9  # sqrt results are clamped here before rounding (any such side already fails h < H)
 
 
-def _block_mask_config(cells: int) -> dict:
-    """Launch heuristics (shape dims only): one warp keeps a 14 x 14 / 16 x 16 grid's reductions inside the warp."""
-    block = next_pow2(cells)
-    return dict(BLOCK=block, num_warps=1 if block <= 512 else (2 if block <= 2048 else 4))
+def _block_mask_config(height: int, width: int) -> dict:
+    """Launch heuristics (shape dims only). The sample's grid is a (BLOCK_H, BLOCK_W) tile whose rows and columns
+    are implicit in the layout, so a cell costs one register (its mask byte) in the attempt loop; at most 32 cells
+    per thread keep a 128 x 128 grid (16 warps) free of spills, and one warp keeps a 14 x 14 / 16 x 16 grid's
+    reductions inside the warp. One program per sample: the grid is the batch."""
+    bh, bw = next_pow2(height), next_pow2(width)
+    warps = max(1, min(16, bh * bw // 512))
+    return dict(BLOCK_H=bh, BLOCK_W=bw, FB_BLOCK=min(bh * bw, 256 * warps), num_warps=warps)
 
 
 # =================================================================================================== 1. kernels
@@ -115,15 +131,16 @@ if HAS_TRITON:
         EXACT: tl.constexpr,  # CAE: loop until exactly target cells, then the noise fallback
         TRIES: tl.constexpr,  # attempts per block (10)
         ROUND_CLAMP: tl.constexpr,  # sqrt results are clamped here before rounding
-        BLOCK: tl.constexpr,  # next_pow2(H * W)
+        BLOCK_H: tl.constexpr,  # next_pow2(H)
+        BLOCK_W: tl.constexpr,  # next_pow2(W)
+        FB_BLOCK: tl.constexpr,  # cells per chunk of the exact-mode fallback
     ):
         b = tl.program_id(0).to(tl.int64)
         cells = H * W
-        offs = tl.arange(0, BLOCK)
-        valid = offs < cells
-        row = offs // W
-        col = offs % W
-        mask = tl.zeros([BLOCK], dtype=tl.int32)
+        row = tl.arange(0, BLOCK_H)
+        col = tl.arange(0, BLOCK_W)
+        valid = (row < H)[:, None] & (col < W)[None, :]
+        mask = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.int8)
 
         count = tl.zeros([], dtype=tl.int32)  # masked cells so far
         k = tl.zeros([], dtype=tl.int32)  # uniforms rows consumed
@@ -146,11 +163,13 @@ if HAS_TRITON:
             w = tl.where(fits, w, 0)
             top = tl.minimum((u2 * (H - h + 1).to(tl.float64)).to(tl.int32), H - h)  # exact product, then floor
             left = tl.minimum((u3 * (W - w + 1).to(tl.float64)).to(tl.int32), W - w)
-            rect = valid & (row >= top) & (row < top + h) & (col >= left) & (col < left + w)
-            already = tl.sum(tl.where(rect, mask, 0), axis=0)
+            in_rows = (row >= top) & (row < top + h)  # the rectangle as a row range x a column range
+            in_cols = (col >= left) & (col < left + w)
+            rect = in_rows[:, None] & in_cols[None, :]
+            already = tl.sum(tl.sum((rect & (mask != 0)).to(tl.int32), axis=1), axis=0)
             new = h * w - already
             accept = fits & (new > 0) & (new <= max_mask)
-            mask = tl.where(rect & accept, 1, mask)
+            mask = mask | (rect & accept).to(tl.int8)
             count += tl.where(accept, new, 0)
             k += 1
             tries = tl.where(accept, 0, tries + 1)
@@ -160,17 +179,32 @@ if HAS_TRITON:
             tries = tl.where(failed, 0, tries)
             live = live & (count < target)
 
+        cell = row[:, None] * W + col[None, :]  # row-major cell index
+        tl.store(mask_ptr + b * cells + cell, mask != 0, mask=valid)
         if EXACT:  # budget spent: the unmasked cells with the smallest noise (ties: lowest index) fill the rest
-            noise = tl.load(noise_ptr + b * cells + offs, mask=valid, other=float("inf"))
-            noise = tl.where(noise != noise, float("inf"), noise)  # NaN reads as +inf
+            # Rare (see DEFAULT_MAX_ATTEMPTS), so it works on the stored mask in FB_BLOCK-cell chunks, one pick per
+            # pass, instead of holding the noise in registers next to the mask.
             for _ in range(target - count):
-                free = valid & (mask == 0)
-                key = tl.where(free, noise, float("inf"))
-                best = tl.min(key, axis=0)
-                pick = tl.min(tl.where(free & (key == best), offs, BLOCK), axis=0)
-                mask = tl.where(offs == pick, 1, mask)
+                tl.debug_barrier()  # the previous stores are visible to every thread of the program
+                best = tl.full([], float("inf"), tl.float32)
+                for c0 in range(0, cells, FB_BLOCK):
+                    offs = c0 + tl.arange(0, FB_BLOCK)
+                    inside = offs < cells
+                    free = inside & (tl.load(mask_ptr + b * cells + offs, mask=inside, other=1) == 0)
+                    key = tl.load(noise_ptr + b * cells + offs, mask=free, other=float("inf"))
+                    key = tl.where(key != key, float("inf"), key)  # NaN reads as +inf
+                    best = tl.minimum(best, tl.min(key, axis=0))
+                pick = tl.full([], 2147483647, tl.int32)
+                for c0 in range(0, cells, FB_BLOCK):
+                    offs = c0 + tl.arange(0, FB_BLOCK)
+                    inside = offs < cells
+                    free = inside & (tl.load(mask_ptr + b * cells + offs, mask=inside, other=1) == 0)
+                    key = tl.load(noise_ptr + b * cells + offs, mask=free, other=float("inf"))
+                    key = tl.where(key != key, float("inf"), key)
+                    pick = tl.minimum(pick, tl.min(tl.where(free & (key == best), offs, 2147483647), axis=0))
+                tl.debug_barrier()
+                tl.store(mask_ptr + b * cells + pick, tl.full([], 1, tl.int1), mask=pick < cells)
 
-        tl.store(mask_ptr + b * cells + offs, mask != 0, mask=valid)
         tl.store(att_ptr + b, k)
 
 
@@ -189,8 +223,13 @@ def resolve_block_params(height, width, num_masking_patches, min_num_patches, ma
             raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
     height, width, target, min_num = int(height), int(width), int(num_masking_patches), int(min_num_patches)
     cells = height * width
-    if cells > MAX_CELLS:
-        raise ValueError(f"height * width: expected at most {MAX_CELLS} cells, got {height} x {width} = {cells}")
+    tile = next_pow2(height) * next_pow2(width)
+    if tile > MAX_CELLS:
+        raise ValueError(
+            f"height * width: expected a grid whose padded tile next_pow2(height) * next_pow2(width) is at most "
+            f"{MAX_CELLS} cells (e.g. 128 x 128), got {height} x {width} (a {next_pow2(height)} x "
+            f"{next_pow2(width)} tile)"
+        )
     if target > cells:
         raise ValueError(f"num_masking_patches: expected at most height * width = {cells}, got {target}")
     if min_num > MAX_MIN_NUM:
@@ -252,12 +291,13 @@ def _block_mask_triton(uniforms, noise, height, width, target, min_num, max_num,
     uniforms = uniforms.contiguous()
     aspect = _aspects(uniforms, min_aspect, max_aspect)
     noise = noise.contiguous() if noise is not None else uniforms
-    cfg = _block_mask_config(cells)
-    _block_mask_fwd_kernel[(bsz,)](
-        uniforms, aspect, noise, mask, used, attempts, height, width, target, min_num, max_num,
-        EXACT=exact, TRIES=ATTEMPTS_PER_BLOCK, ROUND_CLAMP=_ROUND_CLAMP, BLOCK=cfg["BLOCK"],
-        num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    cfg = _block_mask_config(height, width)
+    with device_guard(dev):
+        _block_mask_fwd_kernel[(bsz,)](
+            uniforms, aspect, noise, mask, used, attempts, height, width, target, min_num, max_num,
+            EXACT=exact, TRIES=ATTEMPTS_PER_BLOCK, ROUND_CLAMP=_ROUND_CLAMP, BLOCK_H=cfg["BLOCK_H"],
+            BLOCK_W=cfg["BLOCK_W"], FB_BLOCK=cfg["FB_BLOCK"], num_warps=cfg["num_warps"],
+        )  # fmt: skip
     return mask, used
 
 
@@ -316,7 +356,7 @@ def block_mask(
         uniforms: (B, A, 4) fp32 in [0, 1): per sample, one row per attempt (area, log-aspect, top, left); A >= 1 is
             the attempt budget. B may be 0.
         noise: (B, H * W) fp32, the exact-mode fallback order (required when ``exact``; ignored otherwise).
-        height, width: the patch grid (H * W <= 16384).
+        height, width: the patch grid (next_pow2(H) * next_pow2(W) <= 16384, e.g. 128 x 128).
         num_masking_patches: cells to mask (BEiT 75, CAE 98 of 196), 0 <= target <= H * W.
         min_num_patches: smallest block area drawn (>= 1). max_num_patches: largest block (None: the target).
         min_aspect, max_aspect: aspect-ratio range, log-uniform (max_aspect None: 1 / min_aspect).

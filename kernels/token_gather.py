@@ -39,7 +39,16 @@ import warnings
 
 import torch
 
-from ._common import HAS_TRITON, interpret_mode, new_output, store_dtype, token_rows_config, use_triton
+from ._common import (
+    HAS_TRITON,
+    device_guard,
+    interpret_mode,
+    new_output,
+    next_pow2,
+    store_dtype,
+    token_rows_config,
+    use_triton,
+)
 
 if HAS_TRITON:
     import triton
@@ -74,23 +83,25 @@ if HAS_TRITON:
         o = (pid % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)  # output rows
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
+        d64 = offs_d.to(tl.int64)  # 64-bit offsets: feature strides of huge views must not wrap
+        o64 = o.to(tl.int64)
         is_tok = (o >= P) & (o < P + LK)
-        i = tl.load(idx_ptr + b * stride_ib + (o - P) * stride_il, mask=is_tok, other=0).to(tl.int64)
+        i = tl.load(idx_ptr + b * stride_ib + (o64 - P) * stride_il, mask=is_tok, other=0).to(tl.int64)
         ok = (i >= 0) & (i < L)
         i = tl.where(ok, i, 0)
         m = (is_tok & ok)[:, None] & mask_d[None, :]
-        val = tl.load(x_ptr + b * stride_xb + i[:, None] * stride_xl + offs_d[None, :] * stride_xd, mask=m, other=0.0)
+        val = tl.load(x_ptr + b * stride_xb + i[:, None] * stride_xl + d64[None, :] * stride_xd, mask=m, other=0.0)
         val = val.to(tl.float32)
         if HAS_POS:
-            pe = tl.load(pos_ptr + i[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=m, other=0.0)
+            pe = tl.load(pos_ptr + i[:, None] * stride_pl + d64[None, :] * stride_pd, mask=m, other=0.0)
             val += pe.to(tl.float32)
         val = tl.where((is_tok & ~ok)[:, None], float("nan"), val)
         if HAS_PREFIX:
             is_pre = o < P
             mp = is_pre[:, None] & mask_d[None, :]
-            pre = tl.load(pre_ptr + b * stride_qb + o[:, None] * stride_qp + offs_d[None, :] * stride_qd, mask=mp)
+            pre = tl.load(pre_ptr + b * stride_qb + o64[:, None] * stride_qp + d64[None, :] * stride_qd, mask=mp)
             val = tl.where(is_pre[:, None], pre.to(tl.float32), val)
-        out = out_ptr + b * stride_ob + o[:, None] * stride_ol + offs_d[None, :] * stride_od
+        out = out_ptr + b * stride_ob + o64[:, None] * stride_ol + d64[None, :] * stride_od
         tl.store(out, val.to(out_ptr.dtype.element_ty), mask=(o < P + LK)[:, None] & mask_d[None, :])
 
     @triton.jit
@@ -116,64 +127,86 @@ if HAS_TRITON:
         o = (pid % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
+        d64 = offs_d.to(tl.int64)  # 64-bit offsets: feature strides of huge views must not wrap
+        o64 = o.to(tl.int64)
         in_out = o < P + L
         is_tok = (o >= P) & in_out
-        r = tl.load(ridx_ptr + b * stride_rb + (o - P) * stride_rl, mask=is_tok, other=0).to(tl.int64)
+        r = tl.load(ridx_ptr + b * stride_rb + (o64 - P) * stride_rl, mask=is_tok, other=0).to(tl.int64)
         ok = (r >= 0) & (r < L)
         visible = is_tok & ok & (r < LK)
-        src = tl.where(visible, P + r, o)  # prefix rows pass through
+        src = tl.where(visible, P + r, o64)  # prefix rows pass through
         take = (visible | (o < P))[:, None] & mask_d[None, :]
-        val = tl.load(
-            x_ptr + b * stride_xb + src[:, None] * stride_xl + offs_d[None, :] * stride_xd, mask=take, other=0.0
-        )
+        val = tl.load(x_ptr + b * stride_xb + src[:, None] * stride_xl + d64[None, :] * stride_xd, mask=take, other=0.0)
         val = val.to(tl.float32)
         if FILL:
-            fv = tl.load(fill_ptr + b * stride_fb + offs_d * stride_fd, mask=mask_d, other=0.0).to(tl.float32)
+            fv = tl.load(fill_ptr + b * stride_fb + d64 * stride_fd, mask=mask_d, other=0.0).to(tl.float32)
             val = tl.where((is_tok & ok & (r >= LK))[:, None], fv[None, :], val)
         if HAS_POS:
             mo = in_out[:, None] & mask_d[None, :]
-            pe = tl.load(pos_ptr + o[:, None] * stride_pl + offs_d[None, :] * stride_pd, mask=mo, other=0.0)
+            pe = tl.load(pos_ptr + o64[:, None] * stride_pl + d64[None, :] * stride_pd, mask=mo, other=0.0)
             val += pe.to(tl.float32)
         val = tl.where((is_tok & ~ok)[:, None], float("nan"), val)
-        out = out_ptr + b * stride_ob + o[:, None] * stride_ol + offs_d[None, :] * stride_od
+        out = out_ptr + b * stride_ob + o64[:, None] * stride_ol + d64[None, :] * stride_od
         tl.store(out, val.to(out_ptr.dtype.element_ty), mask=in_out[:, None] & mask_d[None, :])
 
     @triton.jit
     def _restore_tokens_bwd_kernel(
         g_ptr,  # (B, P + L, D) gradient of the restore output
         ridx_ptr,  # (B, L) restore index
-        gx_ptr,  # (B, P + LK, D) gradient of x: prefix rows and each visible row written once
-        gfill_ptr,  # (B, D) fp32 per-sample sum of the gradient over filled slots (FILL)
-        L, LK, D, P,
+        gx_ptr,  # (B, P + LK, D) out: gradient of x (prefix rows and visible rows, gathered)
+        part_ptr,  # (B, n_chunks, D) fp32 out: per-chunk sums of the gradient over filled slots (FILL)
+        L, LK, D, P, n_jblocks, n_chunks,
         stride_gb, stride_gl, stride_gd,
         stride_rb, stride_rl,
         stride_xb, stride_xl, stride_xd,
         FILL: tl.constexpr,
-        BLOCK_L: tl.constexpr,
+        ORPHAN_NAN: tl.constexpr,  # a visible row no valid index points to gets NaN (True) or 0 (False)
+        BLOCK_L: tl.constexpr,  # rows per step
+        BLOCK_R: tl.constexpr,  # restore-index entries compared per step when looking up a visible row's slot
+        CHUNK: tl.constexpr,  # filled-slot rows summed per program (a multiple of BLOCK_L)
         BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # One program per (sample, feature block) walks every row once: no atomics, a fixed summation order.
-        b = tl.program_id(0).to(tl.int64)
+        # Programs [0, n_jblocks) of each sample gather BLOCK_L rows of gx: prefix rows copy g, visible row j reads
+        # the slot o with ids_restore[b, o] == j (found by comparing against the index row: no inverse index, no
+        # scatter). Programs [n_jblocks, n_jblocks + n_chunks) sum CHUNK slots of the filled rows' gradient. No
+        # atomics; every sum has a fixed order.
+        pid = tl.program_id(0)
+        b = (pid // (n_jblocks + n_chunks)).to(tl.int64)
+        t = pid % (n_jblocks + n_chunks)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(0, P + L, BLOCK_L):
-            o = start + tl.arange(0, BLOCK_L)
-            in_out = o < P + L
-            is_tok = (o >= P) & in_out
-            r = tl.load(ridx_ptr + b * stride_rb + (o - P) * stride_rl, mask=is_tok, other=0).to(tl.int64)
-            visible = is_tok & (r >= 0) & (r < LK)
-            g = tl.load(g_ptr + b * stride_gb + o[:, None] * stride_gl + offs_d[None, :] * stride_gd,
-                        mask=in_out[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            dst = tl.where(visible, P + r, o)
-            w = (visible | (o < P))[:, None] & mask_d[None, :]
-            tl.store(gx_ptr + b * stride_xb + dst[:, None] * stride_xl + offs_d[None, :] * stride_xd,
-                     g.to(gx_ptr.dtype.element_ty), mask=w)  # fmt: skip
-            if FILL:
-                filled = is_tok & (r >= LK) & (r < L)
-                acc += tl.sum(tl.where(filled[:, None], g, 0.0), axis=0)
-        if FILL:
-            tl.store(gfill_ptr + b * D + offs_d, acc, mask=mask_d)
+        d64 = offs_d.to(tl.int64)
+        if t < n_jblocks:
+            j = t * BLOCK_L + tl.arange(0, BLOCK_L)  # gx rows
+            in_x = j < P + LK
+            jv = j - P  # visible row index (negative for prefix rows)
+            src = tl.full([BLOCK_L], -1, tl.int32)
+            for o0 in range(0, L, BLOCK_R):
+                o = o0 + tl.arange(0, BLOCK_R)
+                r = tl.load(ridx_ptr + b * stride_rb + o.to(tl.int64) * stride_rl, mask=o < L, other=-1)
+                hit = (r.to(tl.int32)[None, :] == jv[:, None]) & (jv[:, None] >= 0)
+                src = tl.maximum(src, tl.max(tl.where(hit, o[None, :], -1), axis=1))
+            row = tl.where(jv < 0, j, P + src)  # prefix rows pass through
+            found = (jv < 0) | (src >= 0)
+            m = (in_x & found)[:, None] & mask_d[None, :]
+            val = tl.load(g_ptr + b * stride_gb + row.to(tl.int64)[:, None] * stride_gl + d64[None, :] * stride_gd,
+                          mask=m, other=0.0).to(tl.float32)  # fmt: skip
+            if ORPHAN_NAN:
+                val = tl.where((in_x & ~found)[:, None], float("nan"), val)
+            tl.store(gx_ptr + b * stride_xb + j.to(tl.int64)[:, None] * stride_xl + d64[None, :] * stride_xd,
+                     val.to(gx_ptr.dtype.element_ty), mask=in_x[:, None] & mask_d[None, :])  # fmt: skip
+        elif FILL:
+            c = t - n_jblocks
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for s0 in range(0, CHUNK, BLOCK_L):
+                l = c * CHUNK + s0 + tl.arange(0, BLOCK_L)  # token slot
+                r = tl.load(ridx_ptr + b * stride_rb + l.to(tl.int64) * stride_rl, mask=l < L, other=0)
+                filled = (l < L) & (r >= LK) & (r < L)
+                slot = (P + l).to(tl.int64)
+                g = tl.load(g_ptr + b * stride_gb + slot[:, None] * stride_gl + d64[None, :] * stride_gd,
+                            mask=filled[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                acc += tl.sum(g, axis=0)
+            tl.store(part_ptr + (b * n_chunks + c) * D + offs_d, acc, mask=mask_d)
 
 
 # ================================================================================================= 2. launchers
@@ -193,16 +226,17 @@ def _gather_tokens_triton(x, ids_keep, pos, prefix, out_dtype):
     n_lblocks = triton.cdiv(p + lk, cfg["BLOCK_L"])
     pre = prefix if prefix is not None else x
     pos_ = pos if pos is not None else x
-    _gather_tokens_fwd_kernel[(bsz * n_lblocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
-        x, ids_keep, pos_, pre, out,
-        seq, lk, dim, p, n_lblocks,
-        *x.stride(), *ids_keep.stride(),
-        pos_.stride(-2), pos_.stride(-1),
-        _batch_stride(prefix, 3), pre.stride(-2), pre.stride(-1),
-        *out.stride(),
-        HAS_POS=pos is not None, HAS_PREFIX=prefix is not None,
-        BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    with device_guard(x.device):
+        _gather_tokens_fwd_kernel[(bsz * n_lblocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
+            x, ids_keep, pos_, pre, out,
+            seq, lk, dim, p, n_lblocks,
+            *x.stride(), *ids_keep.stride(),
+            pos_.stride(-2), pos_.stride(-1),
+            _batch_stride(prefix, 3), pre.stride(-2), pre.stride(-1),
+            *out.stride(),
+            HAS_POS=pos is not None, HAS_PREFIX=prefix is not None,
+            BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )  # fmt: skip
     return out.to(out_dtype)
 
 
@@ -218,16 +252,17 @@ def _restore_tokens_triton(x, ids_restore, fill, pos, num_prefix, out_dtype):
     n_lblocks = triton.cdiv(p + seq, cfg["BLOCK_L"])
     fill_ = fill if fill is not None else x
     pos_ = pos if pos is not None else x
-    _restore_tokens_fwd_kernel[(bsz * n_lblocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
-        x, ids_restore, fill_, pos_, out,
-        seq, lk, dim, p, n_lblocks,
-        *x.stride(), *ids_restore.stride(),
-        _batch_stride(fill, 2), fill_.stride(-1),
-        pos_.stride(-2), pos_.stride(-1),
-        *out.stride(),
-        FILL=fill is not None, HAS_POS=pos is not None,
-        BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-    )  # fmt: skip
+    with device_guard(x.device):
+        _restore_tokens_fwd_kernel[(bsz * n_lblocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
+            x, ids_restore, fill_, pos_, out,
+            seq, lk, dim, p, n_lblocks,
+            *x.stride(), *ids_restore.stride(),
+            _batch_stride(fill, 2), fill_.stride(-1),
+            pos_.stride(-2), pos_.stride(-1),
+            *out.stride(),
+            FILL=fill is not None, HAS_POS=pos is not None,
+            BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )  # fmt: skip
     return out.to(out_dtype)
 
 
@@ -235,19 +270,28 @@ def _restore_tokens_bwd_triton(grad, ids_restore, rows, num_prefix, x_dtype, wit
     bsz, _, dim = grad.shape
     seq = ids_restore.shape[1]
     lk = rows - num_prefix
-    alloc = new_output if covers_all else torch.zeros  # rows never referenced must get a zero gradient
-    gx = alloc((bsz, rows, dim), dtype=x_dtype, device=grad.device)
-    gfill = new_output((bsz, dim) if with_fill else (0, dim), torch.float32, grad.device)
-    if bsz == 0 or dim == 0 or num_prefix + seq == 0:
-        return gx.zero_(), gfill.zero_()
-    cfg = token_rows_config(num_prefix + seq, dim, interpret_mode(), loop=True)
-    _restore_tokens_bwd_kernel[(bsz, triton.cdiv(dim, cfg["BLOCK_D"]))](
-        grad, ids_restore, gx, gfill,
-        seq, lk, dim, num_prefix,
-        *grad.stride(), *ids_restore.stride(), *gx.stride(),
-        FILL=with_fill, BLOCK_L=cfg["BLOCK_L"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-    )  # fmt: skip
-    return gx, gfill
+    gx = new_output((bsz, rows, dim), x_dtype, grad.device)
+    if bsz == 0 or dim == 0 or rows == 0 and not with_fill:
+        return gx.zero_(), new_output((bsz, dim) if with_fill else (0, dim), torch.float32, grad.device).zero_()
+    cfg = token_rows_config(num_prefix + seq, dim, interpret_mode())
+    block_l = cfg["BLOCK_L"]
+    chunk = block_l * 4  # four independent row steps per fill program
+    n_jblocks = triton.cdiv(rows, block_l)
+    n_chunks = triton.cdiv(seq, chunk) if with_fill else 0
+    part = new_output((bsz, max(n_chunks, 1), dim) if with_fill else 0, torch.float32, grad.device)
+    with device_guard(grad.device):
+        _restore_tokens_bwd_kernel[(bsz * (n_jblocks + n_chunks), triton.cdiv(dim, cfg["BLOCK_D"]))](
+            grad, ids_restore, gx, part,
+            seq, lk, dim, num_prefix, n_jblocks, n_chunks,
+            *grad.stride(), *ids_restore.stride(), *gx.stride(),
+            FILL=with_fill, ORPHAN_NAN=covers_all, BLOCK_L=block_l, BLOCK_R=min(256, next_pow2(max(seq, 1))),
+            CHUNK=chunk, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )  # fmt: skip
+    if not with_fill:
+        return gx, new_output((0, dim), torch.float32, grad.device)
+    if n_chunks == 0:
+        return gx, torch.zeros((bsz, dim), dtype=torch.float32, device=grad.device)
+    return gx, part.sum(1)
 
 
 def _no_triton_warning(*tensors) -> None:

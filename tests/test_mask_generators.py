@@ -161,6 +161,8 @@ KERNEL_CASES = [
     (2, 9, 11, 30, True, 16, dict(min_num_patches=1, min_aspect=0.5)),
     (1, 32, 32, 200, False, 24, {}),  # a 1024-cell block
     (2, 13, 7, 40, True, 12, dict(min_num_patches=5, max_num_patches=12)),
+    (1, 128, 128, 2000, False, 12, {}),  # the largest grid: 16 warps, 32 cells per thread on a GPU
+    (1, 64, 256, 300, True, 3, dict(min_num_patches=16)),  # a wide grid; the budget runs out: chunked fallback
 ]
 
 
@@ -352,6 +354,7 @@ def test_block_masking_uses_the_kernel_path():
         (dict(width=0), ValueError, "width"),
         (dict(height=True), TypeError, "height"),
         (dict(height=200, width=100), ValueError, "height \\* width"),
+        (dict(height=127, width=129), ValueError, r"padded tile .* \(a 128 x 256 tile\)"),  # 16383 cells, 32768 padded
         (dict(max_attempts=0), ValueError, "max_attempts"),
         (dict(batch_size=-1), ValueError, "batch_size"),
         (dict(generator=3), TypeError, "generator"),

@@ -141,3 +141,25 @@ def test_usage_stats():
     assert abs(u["perplexity"].item() - 16) < 1e-4 and u["used_fraction"].item() == 1.0
     u = mimfast.usage_stats(torch.tensor([0, 9, 0, 0]))
     assert abs(u["perplexity"].item() - 1) < 1e-6 and u["used_fraction"].item() == 0.25
+
+
+def test_autocast_search_precision():
+    """Under bf16 autocast, bf16 activations with an fp32 codebook search with bf16 products (the tensor-core
+    path), exactly as ``precision="bf16"`` does; the output codes, loss and gradients stay in the inputs' dtypes."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 16, 5, 5, generator=g).bfloat16().to(DEVICE).requires_grad_()
+    emb = torch.nn.Parameter(torch.randn(64, 16, generator=g).to(DEVICE))
+    dev = torch.device(DEVICE).type
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        q, idx, loss = mimfast.quantize(z, emb, channel_first=True)
+    q2, idx2, loss2 = mimfast.quantize(z, emb, channel_first=True, precision="bf16")
+    assert torch.equal(idx, idx2) and torch.equal(q, q2) and torch.equal(loss, loss2)
+    assert q.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert z.grad is not None and emb.grad is not None and torch.isfinite(emb.grad).all()
+    # the search itself agrees with the reference's rule (rounded operands, fp32 norms)
+    zf = z.detach().movedim(1, -1).reshape(-1, 16)
+    ref, _, _ = mimfast.kernels.vq_search_ref(zf, emb.detach(), precision="bf16")
+    assert torch.equal(idx.reshape(-1).cpu(), ref.cpu())
+    with pytest.raises(ValueError, match="precision"):
+        mimfast.quantize(z, emb, channel_first=True, precision="fp8")

@@ -175,6 +175,78 @@ def test_out_of_range_index_gives_nan_rows_not_a_fault():
     assert torch.isnan(out[0, 3]).all() and torch.isfinite(out[1]).all()
 
 
+def test_restore_backward_invalid_index_gives_nan_rows(monkeypatch):
+    """The restore's backward with an out-of-range index (validate=False): the visible row no valid index points to
+    gets a NaN gradient (as documented), not whatever the output buffer held; other samples are exact. The output
+    buffer is pre-filled with a finite sentinel here so that a row the kernel skips cannot pass as NaN."""
+    import importlib
+
+    tg = importlib.import_module("mimfast.kernels.token_gather")
+    real = tg.new_output
+
+    def sentinel_output(shape, dtype, device):
+        t = real(shape, dtype, device)
+        return t.fill_(7.0) if t.is_floating_point() else t
+
+    monkeypatch.setattr(tg, "new_output", sentinel_output)
+    bsz, seq, lk, dim, p = 3, 10, 4, 8, 1
+    keep, restore, _ = masks(bsz, seq, lk)
+    bad = restore.clone()
+    orphan = int(bad[1].argmin())  # the slot of visible row 0 of sample 1
+    bad[1, orphan] = seq + 3
+    g = rand(bsz, p + seq, dim, seed=3)
+    for covers_all in (True, False):
+        gx, gfill = torch.ops.mimfast.restore_tokens_bwd(g, bad, p + lk, p, "float32", True, covers_all)
+        want, wfill = torch.ops.mimfast.restore_tokens_bwd(g, restore, p + lk, p, "float32", True, covers_all)
+        row = gx[1, p + 0]
+        if covers_all:
+            assert torch.isnan(row).all(), row
+        else:  # covers_all=False: an unreferenced visible row has a zero gradient by contract
+            assert (row == 0).all(), row
+        keep_rows = torch.ones(bsz, p + lk, dtype=torch.bool, device=DEVICE)
+        keep_rows[1, p + 0] = False
+        torch.testing.assert_close(gx[keep_rows], want[keep_rows])
+        torch.testing.assert_close(gfill[[0, 2]], wfill[[0, 2]])
+
+
+def test_large_strides_use_64_bit_offsets(tmp_path):
+    """Feature strides of 2^30 elements (a view into a > 2^31-element buffer): offset * stride must not wrap in 32
+    bits. Runs in a subprocess (a wrapped offset faults instead of failing) on a lazily allocated 4 GiB bf16 buffer
+    of which only the viewed elements are touched."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import torch
+        from mimfast.kernels import vq_search
+        from mimfast.ops.tokens import gather_tokens, restore_tokens
+        dev = {DEVICE!r}
+        stride = 1 << 30
+        n, d = 4, 3
+        store = torch.empty(n + (d - 1) * stride + 1, dtype=torch.bfloat16, device=dev)
+        g = torch.Generator().manual_seed(0)
+        vals = torch.randn(n, d, generator=g).bfloat16().to(dev)
+        x = store.as_strided((n, d), (1, stride))
+        x.copy_(vals)
+        e = torch.randn(5, d, generator=g).bfloat16().to(dev)
+        i1, d1, _ = vq_search(x, e)
+        i2, d2, _ = vq_search(vals, e)
+        assert torch.equal(i1, i2) and torch.equal(d1, d2), (i1, i2)
+        t = store.as_strided((1, n, d), (n, 1, stride))  # (B, L, D) tokens with a 2^30 feature stride
+        keep = torch.tensor([[2, 0]], device=dev)
+        restore = torch.tensor([[1, 2, 0, 3]], device=dev)
+        assert torch.equal(gather_tokens(t, keep, validate=False), vals[None, [2, 0]])
+        y = restore_tokens(t[:, :2], restore, None, validate=False)
+        assert torch.equal(y[0, 0], vals[1]) and torch.equal(y[0, 2], vals[0]) and (y[0, [1, 3]] == 0).all()
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-3000:])
+
+
 # ----------------------------------------------------------------------------------------------------- backward
 def _grads(out, inputs, seed=9, like=None):
     """Gradients of ``out`` for a seeded cotangent, rounded to ``like`` (default out's dtype) then cast to out's."""

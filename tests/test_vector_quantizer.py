@@ -133,3 +133,14 @@ def test_bad_constructor_args(kw, msg):
     args = {"dim": 4, "codebook_size": 8} | kw
     with pytest.raises(ValueError, match=msg):
         mimfast.VectorQuantizer(**args)
+
+
+def test_precision_is_forwarded_to_the_search():
+    """``precision=`` reaches the search: "bf16" rounds the products like mimfast.vq_search(precision="bf16")."""
+    x = clustered(300, 8, 10, seed=3)
+    vq = mimfast.VectorQuantizer(8, 32, precision="bf16").to(DEVICE).eval()
+    _, idx, _ = vq(x)
+    ref, _, _ = mimfast.vq_search(x, vq.embed, precision="bf16")
+    assert torch.equal(idx, ref)
+    with pytest.raises(ValueError, match="precision"):
+        mimfast.VectorQuantizer(8, 32, precision="fp8").to(DEVICE)(x)

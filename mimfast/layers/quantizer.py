@@ -50,6 +50,9 @@ class VectorQuantizer(nn.Module):
             initialised with more than one rank.
         index_dtype: dtype of the returned indices (torch.int64 or torch.int32).
         nan_policy: "raise" or "mask", see :func:`mimfast.vq_search`.
+        precision: dtype of the nearest-code search's products (see :func:`mimfast.vq_search`): None (default)
+            follows ``torch.autocast`` (bf16 activations and the fp32 codebook multiply in bf16 on tensor cores,
+            fp32 accumulation and norms), or "ieee" / "tf32" / "tf32x3" / "bf16" / "fp16".
 
     Shapes: ``forward(x (..., D), mask (...) | None) -> (quantized (..., D), indices (...), loss ())``.
     """
@@ -72,6 +75,7 @@ class VectorQuantizer(nn.Module):
         sync_codebook: bool | None = None,
         index_dtype: torch.dtype = torch.int64,
         nan_policy: str = "raise",
+        precision: str | torch.dtype | None = None,
     ):
         super().__init__()
         if not (isinstance(dim, int) and dim >= 1):
@@ -95,7 +99,7 @@ class VectorQuantizer(nn.Module):
         self.threshold_ema_dead_code = float(threshold_ema_dead_code)
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.accept_image_fmap, self.sync_codebook = accept_image_fmap, sync_codebook
-        self.index_dtype, self.nan_policy = index_dtype, nan_policy
+        self.index_dtype, self.nan_policy, self.precision = index_dtype, nan_policy, precision
 
         embed = torch.randn(codebook_size, dim)
         if use_cosine_sim:
@@ -218,6 +222,7 @@ class VectorQuantizer(nn.Module):
             x, self.embed, metric=self.metric, channel_first=self.accept_image_fmap,
             commitment_weight=self.commitment_weight, legacy_beta=self.legacy_beta,
             codebook_loss=not self.ema_update, mask=mask, index_dtype=self.index_dtype, nan_policy=self.nan_policy,
+            precision=self.precision,
         )  # fmt: skip
         self.last_counts = info.counts
         if self.training:

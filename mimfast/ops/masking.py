@@ -186,7 +186,7 @@ def block_masking(
     (``return_attempts`` shows what was used).
 
     Args:
-        batch_size: B >= 0. height, width: the patch grid (H * W <= 16384).
+        batch_size: B >= 0. height, width: the patch grid (next_pow2(H) * next_pow2(W) <= 16384, e.g. 128 x 128).
         num_masking_patches: target count, 0 <= target <= H * W (BEiT 75, CAE 98 on 14 x 14).
         min_num_patches: smallest block drawn (>= 1). max_num_patches: largest block (None: the target).
         min_aspect: > 0. max_aspect: >= min_aspect (None: 1 / min_aspect).

@@ -41,6 +41,7 @@ def vq_search(
     return_counts: bool = False,
     nan_policy: str = "raise",
     eps: float = DEFAULT_EPS,
+    precision: str | torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Nearest code of every row: ``indices[n] = argmin_k d(x[n], codebook[k])`` in one fused kernel.
 
@@ -55,6 +56,11 @@ def vq_search(
             overflow) raises ValueError; this costs one device-to-host sync on an N-element flag.
             "mask": such rows get index -1 and distance NaN, no sync. Non-finite codes are never chosen either way.
         eps: norm floor of the cosine metric.
+        precision: dtype of the products x.e. None (default) follows ``torch.autocast`` when it is enabled (bf16
+            activations + an fp32 codebook under bf16 autocast multiply in bf16 on tensor cores, with fp32
+            accumulation and fp32 norms), else the inputs (bf16 / fp16 pairs in their dtype; fp32 as torch's
+            matmul precision says: "highest" -> full fp32, "high" -> tf32). Force one with "ieee", "tf32",
+            "tf32x3", "bf16" or "fp16" (or a torch dtype).
 
     Returns:
         (indices (N,), distances (N,) fp32, counts (K,) int32 or None). Ties go to the lowest index.
@@ -62,8 +68,9 @@ def vq_search(
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy: expected one of {NAN_POLICIES}, got {nan_policy!r}")
     idx, dist, counts = _vq_search_op(
-        x, codebook, metric=metric, valid=valid, index_dtype=index_dtype, return_counts=return_counts, eps=eps
-    )
+        x, codebook, metric=metric, valid=valid, index_dtype=index_dtype, return_counts=return_counts, eps=eps,
+        precision=precision,
+    )  # fmt: skip
     if nan_policy == "raise" and dist.numel():
         bad = torch.isnan(dist)
         if bool(bad.any()):
@@ -130,6 +137,7 @@ def quantize_with_info(
     index_dtype: torch.dtype = torch.int64,
     nan_policy: str = "raise",
     eps: float = DEFAULT_EPS,
+    precision: str | torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QuantizeInfo]:
     """:func:`quantize` plus a :class:`QuantizeInfo` with the flat intermediates (for EMA updates and statistics)."""
     _check_quantize_args(x, codebook, metric, channel_first, mask, commitment_weight)
@@ -145,7 +153,7 @@ def quantize_with_info(
     # the search never needs gradients: it sees detached tensors (the op is not differentiable)
     idx, dist, counts = vq_search(
         z.detach(), e.detach(), metric="l2", valid=valid, index_dtype=index_dtype, return_counts=True,
-        nan_policy=nan_policy, eps=eps,
+        nan_policy=nan_policy, eps=eps, precision=precision,
     )  # fmt: skip
     keep = idx >= 0  # excludes masked rows and (nan_policy="mask") non-finite ones
     zq = F.embedding(idx.clamp_min(0).long(), e).to(z.dtype)  # gradient reaches the codebook through index_add
@@ -185,6 +193,7 @@ def quantize(
     index_dtype: torch.dtype = torch.int64,
     nan_policy: str = "raise",
     eps: float = DEFAULT_EPS,
+    precision: str | torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` to its nearest codes with a straight-through gradient; drop-in for VQ layers.
 
@@ -204,6 +213,7 @@ def quantize(
         index_dtype: torch.int64 or torch.int32.
         nan_policy: "raise" or "mask", see :func:`vq_search`.
         eps: norm floor of the cosine metric.
+        precision: dtype of the search's products, see :func:`vq_search` (None: follow ``torch.autocast``).
 
     Returns:
         quantized: like x (straight-through; ignored positions equal x),
@@ -213,7 +223,7 @@ def quantize(
     out, indices, loss, _ = quantize_with_info(
         x, codebook, metric=metric, channel_first=channel_first, commitment_weight=commitment_weight,
         legacy_beta=legacy_beta, codebook_loss=codebook_loss, mask=mask, index_dtype=index_dtype,
-        nan_policy=nan_policy, eps=eps,
+        nan_policy=nan_policy, eps=eps, precision=precision,
     )  # fmt: skip
     return out, indices, loss
 
