@@ -193,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_probe_arguments(pr)
     pr.set_defaults(func=cmd_probe)
+    from .train.tokenizer_eval import add_evaluate_tokenizer_arguments, cmd_evaluate_tokenizer
+
+    et = sub.add_parser(
+        "evaluate-tokenizer",
+        parents=[common],
+        help="reconstruction L1 and codebook use of a tokenizer on its val split (vs its init)",
+    )
+    add_evaluate_tokenizer_arguments(et)
+    et.set_defaults(func=cmd_evaluate_tokenizer)
     rc = sub.add_parser("reconstruct", parents=[common],
                         help="write a PNG grid of MAE inputs / masked inputs / reconstructions")  # fmt: skip
     add_reconstruct_arguments(rc)
