@@ -62,6 +62,12 @@ class TokenizerLoss:
     """PatchGAN normalisation: ``group`` (the default here: correct under DDP), ``batch`` (taming's) or ``none``."""
     disc_lr_scale: float = 1.0
     """The discriminator's lr relative to the tokenizer's."""
+    tau_start: float = 0.9
+    """Gumbel temperature at step 0 (quantizers with a ``tau``; taming's Gumbel VQGAN: 0.9)."""
+    tau_min: float = 1e-6
+    """Temperature after ``tau_decay_steps`` (cosine decay from ``tau_start``; taming: 1e-6)."""
+    tau_decay_steps: int = 1000001
+    """Steps of the cosine temperature decay (taming: 1000001)."""
 
     def __post_init__(self):
         for name in ("rec_weight", "codebook_weight", "perceptual_weight", "contrastive_weight", "disc_weight",
@@ -80,7 +86,11 @@ class TokenizerLoss:
                              "pkg.module:factory)")  # fmt: skip
         if not isinstance(self.disc, bool):
             raise ValueError(f"model.loss.disc: expected a bool, got {self.disc!r}")
-        for name, lo in (("disc_start", 0), ("disc_ndf", 1), ("disc_layers", 1)):
+        if not (isinstance(self.tau_start, (int, float)) and isinstance(self.tau_min, (int, float))
+                and 0 < self.tau_min <= self.tau_start < math.inf):  # fmt: skip
+            raise ValueError(f"model.loss.tau_start / tau_min: expected 0 < tau_min <= tau_start, finite, got "
+                             f"{self.tau_start!r} / {self.tau_min!r}")  # fmt: skip
+        for name, lo in (("disc_start", 0), ("disc_ndf", 1), ("disc_layers", 1), ("tau_decay_steps", 1)):
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
                 raise ValueError(f"model.loss.{name}: expected an int >= {lo}, got {v!r}")
@@ -164,9 +174,17 @@ class TokenizerTask(Task):
     def flops_per_image(self, model):
         return model.flops_per_image()
 
+    def tau_at(self, step: int) -> float:
+        """The Gumbel temperature at optimizer step ``step``: cosine from ``tau_start`` to ``tau_min``."""
+        o = self.opts
+        t = min(1.0, step / o.tau_decay_steps)
+        return o.tau_min + (o.tau_start - o.tau_min) * 0.5 * (1.0 + math.cos(math.pi * t))
+
     def losses(self, model, batch, device, step):
         inner = unwrap(model)
         imgs = batch.images.to(device, non_blocking=True)
+        if hasattr(inner.quantize, "tau"):  # stochastic quantizers: the launcher owns the temperature schedule
+            inner.quantize.tau = self.tau_at(step)
         rec, qloss, _ = model(imgs)
         g, logs = inner.loss.generator_loss(imgs, rec, global_step=step, codebook_loss=qloss,
                                             last_layer=inner.decoder.last_layer)  # fmt: skip
