@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-H100 = dict(hbm_bytes_s=3.35e12, bf16_flops=990e12, tf32_flops=495e12, fp32_flops=67e12, fp32_ops=33.5e12)
+H100 = dict(
+    hbm_bytes_s=3.35e12, bf16_flops=990e12, tf32_flops=495e12, fp32_flops=67e12, fp32_ops=33.5e12, sfu_ops_s=3.9e12
+)
 
 
 def matmul_peak(dtype: torch.dtype, peaks: dict = H100) -> float:
@@ -19,6 +21,36 @@ def vq_search_floor_s(n: int, k: int, d: int, dtype: torch.dtype, peaks: dict = 
     flops = 2.0 * n * k * d
     bytes_ = (n * d + k * d) * elem + n * (8 + 4)
     return max(flops / matmul_peak(dtype, peaks), bytes_ / peaks["hbm_bytes_s"], 3.0 * n * k / peaks["fp32_ops"])
+
+
+def gumbel_floor_parts(n: int, k: int, dtype: torch.dtype, mode: str, peaks: dict = H100) -> dict:
+    """Floors (seconds) of the fused Gumbel-softmax phases: each is max(bytes / HBM, special-function ops / rate).
+
+    * forward, straight-through (F.gumbel_softmax's API): read the logits and write the N x K one-hot, 2 logs (the
+      noise) + 1 exp (the row statistics the backward uses) per element, indices and row statistics per row;
+    * forward, indices only: read the logits, 2 logs per element;
+    * backward: read the logits and the output gradient, write the logits' gradient (3 passes), 2 logs + 1 exp.
+
+    PERF.md's 65536 x 8192 bf16 figures are the parts: forward SFU ~413 us, backward bytes ~960 us (H100).
+    """
+    e = torch.empty(0, dtype=dtype).element_size()
+    nk = n * k
+    sfu_fwd = (2 if mode == "indices" else 3) * nk / peaks["sfu_ops_s"]
+    bytes_fwd = nk * e * (1 if mode == "indices" else 2) + n * (8 + 4)
+    parts = {"fwd_bytes": bytes_fwd / peaks["hbm_bytes_s"], "fwd_sfu": sfu_fwd}
+    if mode == "fwd_bwd":
+        parts["bwd_bytes"] = 3 * nk * e / peaks["hbm_bytes_s"]
+        parts["bwd_sfu"] = 3 * nk / peaks["sfu_ops_s"]
+    return parts
+
+
+def gumbel_floor_s(n: int, k: int, dtype: torch.dtype, mode: str, peaks: dict = H100) -> float:
+    """Floor of one call in ``mode`` ("fwd", "indices", "fwd_bwd"): the phases run one after the other."""
+    p = gumbel_floor_parts(n, k, dtype, mode, peaks)
+    floor = max(p["fwd_bytes"], p["fwd_sfu"])
+    if mode == "fwd_bwd":
+        floor += max(p["bwd_bytes"], p["bwd_sfu"])
+    return floor
 
 
 def gpu_target(fn, inputs: list, launches: int = 5):

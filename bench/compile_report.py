@@ -4,9 +4,10 @@
     python bench/compile_report.py --check      # exits 1 when a gate rule fails (CI: tests/test_compile_gate.py)
     python bench/compile_report.py --json rows.json --out /tmp/report.md --only vq_search --grep "D=256"
 
-How: every launcher (vq_search, token gather/restore and its backward, block masks) is called on ``meta`` tensors
-at PERF.md's benchmark shapes and at awkward test shapes, with its kernels swapped for recorders, so the launches
-(kernel, grid, arguments, constexprs, num_warps / num_stages) are exactly what the launcher would make on the GPU.
+How: every launcher (vq_search, token gather/restore and its backward, block masks, Gumbel-softmax fwd / bwd) is
+called on ``meta`` tensors at PERF.md's benchmark shapes and at awkward test shapes, with its kernels swapped for
+recorders, so the launches (kernel, grid, arguments, constexprs, num_warps / num_stages) are exactly what the
+launcher would make on the GPU.
 For an autotuned kernel every candidate its pruning keeps is recorded. Each distinct specialization is compiled
 with ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), ...)`` (the
 signature and divisibility attributes follow triton's own JIT rules), then the wheel's ptxas is run with ``-v`` on the
@@ -58,7 +59,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without an install
     sys.path.insert(0, str(ROOT))
 
-KERNEL_MODULES = ("mimfast.kernels.vq_search", "mimfast.kernels.token_gather", "mimfast.kernels.block_mask")
+KERNEL_MODULES = (
+    "mimfast.kernels.vq_search",
+    "mimfast.kernels.token_gather",
+    "mimfast.kernels.block_mask",
+    "mimfast.kernels.gumbel_softmax",
+)
 
 
 # ------------------------------------------------------------------------------------------------------ targets
@@ -479,7 +485,41 @@ def _mask_cases() -> list[Case]:
     return cases
 
 
-PLANS = {"vq_search": _vq_cases, "tokens": _token_cases, "block_mask": _mask_cases}
+def _gumbel_cases() -> list[Case]:
+    """Every launch of the Gumbel-softmax launchers at PERF.md's shapes (N x K in {16384 x 1024, 65536 x 8192},
+    bf16 and fp32): F.gumbel_softmax's soft and hard forwards, the indices-only forward, Regularized VQ's forward
+    (per-row sample flags + best match) and the backward with and without row flags; awkward test shapes (K past
+    one tile: the two-pass path) are reported."""
+    gs = importlib.import_module("mimfast.kernels.gumbel_softmax")
+    modes = {  # name: (fwd?, hard, write_y, with_best, sample_rows)
+        "fwd soft": (True, False, True, False, False),
+        "fwd hard": (True, True, True, False, False),
+        "fwd indices-only": (True, True, False, False, False),
+        "fwd hard, sample_rows + best (Reg-VQ)": (True, True, True, True, True),
+        "bwd": (False, False, True, False, False),
+        "bwd, sample_rows": (False, False, True, False, True),
+    }
+    cases = []
+    shapes = [((16384, 1024), True), ((65536, 8192), True), ((1, 1), False), ((97, 3), False), ((1025, 1000), False),
+              ((1025, 8193), False), ((97, 65536), False)]  # fmt: skip
+    for (n, k), bench in shapes:
+        for dt in (torch.bfloat16, torch.float32):
+            for mode, (fwd, hard, write_y, best, rows) in modes.items():
+
+                def run(n=n, k=k, dt=dt, fwd=fwd, hard=hard, write_y=write_y, best=best, rows=rows):
+                    logits = _meta((n, k), dt)
+                    philox = _meta((2,), torch.int64)
+                    flags = _meta((n,), torch.bool) if rows else None
+                    if fwd:
+                        gs._gumbel_fwd_triton(logits, flags, philox, 1.0, hard, write_y, best)
+                    else:
+                        gs._gumbel_bwd_triton(_meta((n, k), dt), logits, flags, philox, _meta((n,), torch.float32), 1.0)
+
+                cases.append(Case("gumbel_softmax", f"{mode} {str(dt)[6:]}", f"{n}x{k}", bench, run))
+    return cases
+
+
+PLANS = {"vq_search": _vq_cases, "tokens": _token_cases, "block_mask": _mask_cases, "gumbel_softmax": _gumbel_cases}
 
 
 # ------------------------------------------------------------------------------------------------------ driver

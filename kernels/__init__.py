@@ -5,6 +5,16 @@ launcher, the op binding whose CPU kernel is the plain-PyTorch reference, and ``
 """
 
 from ._common import HAS_TRITON, interpret_mode, use_triton
+from .gumbel_softmax import gumbel_noise_ref, gumbel_softmax, gumbel_softmax_ref
 from .vq_search import vq_search, vq_search_ref
 
-__all__ = ["HAS_TRITON", "interpret_mode", "use_triton", "vq_search", "vq_search_ref"]
+__all__ = [
+    "HAS_TRITON",
+    "gumbel_noise_ref",
+    "gumbel_softmax",
+    "gumbel_softmax_ref",
+    "interpret_mode",
+    "use_triton",
+    "vq_search",
+    "vq_search_ref",
+]

@@ -259,3 +259,37 @@ def token_rows_config(rows: int, d: int, interpret: bool = False) -> dict:
     block_d = min(256, next_pow2(d))
     block_l = max(1, min(16, next_pow2(rows)))
     return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+
+
+GUMBEL_MAX_SINGLE_K = 8192  # a row of up to this many codes (padded) is one tile, held in registers
+GUMBEL_TILE_K = 2048  # codes per tile of a longer row (online max / sum over the tiles)
+GUMBEL_TILE_ELEMS = 4096  # elements per program of the single-tile path (rows x codes)
+GUMBEL_INTERP_TILE_K = 4096  # the interpreter's tile of a longer row
+
+
+def gumbel_plan(n: int, k: int, target: LaunchTarget, interpret: bool = False) -> dict:
+    """Launch plan of the fused Gumbel-softmax (shape dims and the target only).
+
+    * Rows are independent, so a program owns BLOCK_N whole rows: ``SINGLE`` when ``next_pow2(K) <= 8192`` (the
+      row tile stays in registers: one read of the logits, noise computed once per element, one write), otherwise
+      the row is walked in 2048-code tiles twice (statistics, then the output; the noise is recomputed), one row
+      per program over 4 warps.
+    * BLOCK_N x BLOCK_K is about 4096 elements (16 per thread over 8 warps); K = 8192 gets one row over 16 warps.
+      BLOCK_N halves while the grid would give fewer than two CTAs per SM (small N keeps the GPU busy).
+    * BLOCK_K >= 4: one Philox call yields four lanes, for four consecutive codes.
+    * The interpreter (``interpret``) makes the same SINGLE decision with larger tiles (its cost is per program).
+    """
+    k_pad = max(4, next_pow2(k))
+    single = k_pad <= GUMBEL_MAX_SINGLE_K
+    if interpret:
+        block_k = k_pad if single else GUMBEL_INTERP_TILE_K
+        block_n = max(1, min(max(1, 16384 // block_k), next_pow2(n)))
+        return dict(SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    if not single:  # one row per program: the two passes carry several per-row running values
+        return dict(SINGLE=False, BLOCK_N=1, BLOCK_K=GUMBEL_TILE_K, num_warps=max(1, min(16, GUMBEL_TILE_K // 512)))
+    block_k = k_pad
+    block_n = max(1, min(GUMBEL_TILE_ELEMS // block_k, next_pow2(n)))
+    while block_n > 1 and -(-n // block_n) < 2 * target.num_sms:
+        block_n //= 2
+    num_warps = max(1, min(16, block_n * block_k // 512))
+    return dict(SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)

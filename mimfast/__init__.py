@@ -4,6 +4,8 @@ Public API::
 
     quantized, indices, loss = mimfast.quantize(x, codebook)        # drop-in functional
     vq = mimfast.VectorQuantizer(dim=256, codebook_size=8192)      # EMA / learnable codebook module
+    y = mimfast.gumbel_softmax(logits, tau=1.0, hard=True)        # drop-in F.gumbel_softmax, one fused kernel
+    rq = mimfast.RegularizedQuantizer(256, 8192)                   # Regularized VQ (also mimfast.GumbelQuantizer)
     indices, distances, counts = mimfast.vq_search(x, codebook)    # fused nearest-code search
 
     m = mimfast.random_masking(B, L, 0.75)                         # MAE masking on the device, no host sync
@@ -14,7 +16,7 @@ Public API::
 """
 
 from . import losses
-from .layers import VectorQuantizer
+from .layers import GumbelQuantizer, RegularizedQuantizer, VectorQuantizer
 from .losses import VQGANLoss, patch_nce_loss, probabilistic_contrastive_loss
 from .models import create_model, list_models
 from .ops import (
@@ -23,6 +25,8 @@ from .ops import (
     block_masking,
     cae_block_masking,
     gather_tokens,
+    gumbel_quantize,
+    gumbel_softmax,
     mage_masking,
     quantize,
     quantize_with_info,
@@ -35,7 +39,9 @@ from .ops import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GumbelQuantizer",
     "QuantizeInfo",
+    "RegularizedQuantizer",
     "VQGANLoss",
     "VectorQuantizer",
     "__version__",
@@ -44,6 +50,8 @@ __all__ = [
     "cae_block_masking",
     "create_model",
     "gather_tokens",
+    "gumbel_quantize",
+    "gumbel_softmax",
     "list_models",
     "losses",
     "mage_masking",

@@ -1,6 +1,6 @@
 """The sm_90 compile gate (``bench/compile_report.py``) in CI: every launch the launchers make at PERF.md's benchmark
 shapes (and the awkward test shapes) compiles for Hopper (GPUTarget("cuda", 90, 32)) without a GPU, with the wheel's
-ptxas, and the gate's rules hold.
+ptxas, and the gate's rules hold: vq_search, token gather / restore, block masks and the Gumbel-softmax kernels.
 
 The report runs in a subprocess without ``TRITON_INTERPRET`` (the kernels must be real JIT functions). Results are
 cached per specialization under ``~/.cache/mimfast/compile-gate`` (``MIMFAST_COMPILE_CACHE``): about a minute on
@@ -58,7 +58,7 @@ def test_gate_passes(gate):
     failures = report.split("## Gate failures", 1)[1] if "## Gate failures" in report else proc.stderr[-4000:]
     assert proc.returncode == 0, failures
     assert rows and all("error" not in r for r in rows)
-    assert {r["op"] for r in rows} == {"vq_search", "gather_tokens", "restore_tokens", "block_mask"}
+    assert {r["op"] for r in rows} == {"vq_search", "gather_tokens", "restore_tokens", "block_mask", "gumbel_softmax"}
 
 
 def test_no_spills_and_smem_within_limits_at_benchmark_shapes(gate):
@@ -104,6 +104,29 @@ def test_every_autotune_candidate_is_gated(gate):
         counts.setdefault((r["case"], r["arch"]), set()).add(r["candidate"][0])
     assert any(len(c) > 1 for c in counts.values())
     assert all(c == set(range(len(c))) for c in counts.values())
+
+
+def test_gumbel_kernels_are_gated(gate):
+    """Every Gumbel-softmax launch at PERF.md's shapes (16384 x 1024, 65536 x 8192; bf16 and fp32): the forward in
+    each mode (soft, hard, indices-only, Regularized VQ's per-row flags + best match) and the backward with and
+    without row flags, one row tile in registers (SINGLE), no spills, at least two CTAs per SM of grid."""
+    _, rows, _ = gate
+    g = _rows(rows, "gumbel_softmax", bench=True)
+    modes = ("fwd soft", "fwd hard", "fwd indices-only", "fwd hard, sample_rows + best (Reg-VQ)", "bwd",
+             "bwd, sample_rows")  # fmt: skip
+    for shape in ("16384x1024", "65536x8192"):
+        for dt in ("bfloat16", "float32"):
+            for mode in modes:
+                sel = [r for r in g if r["shape"] == shape and r["group"] == f"{mode} {dt}"]
+                assert len(sel) == 1, (shape, dt, mode, len(sel))
+                r = sel[0]
+                want = "_gumbel_softmax_bwd_kernel" if mode.startswith("bwd") else "_gumbel_softmax_fwd_kernel"
+                assert r["kernel"] == want and "SINGLE=True" in r["config"], (r["kernel"], r["config"])
+                assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["grid"] >= 2 * SMS
+                assert r["ctas_per_sm"] >= 2, (r["case"], r["regs"], r["ctas_per_sm"])
+    # K past one tile (the two-pass path) compiles too (test shapes, reported)
+    tiled = _rows(rows, "gumbel_softmax", bench=False, has="x8193")
+    assert tiled and all("SINGLE=False" in r["config"] and "error" not in r for r in tiled)
 
 
 def test_grids_fill_the_gpu_at_benchmark_shapes(gate):

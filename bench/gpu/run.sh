@@ -6,11 +6,12 @@
 #                                   loader's img/s against the MAE ViT-B/16 training step's img/s at batch 256, the
 #                                   GPU data tests and a short CUDA pretraining run; then the rest of bench/ as time
 #                                   allows (BUDGET_S, default 420 s for the whole command)
-#   bash bench/gpu/run.sh kernels   issue 12's measurement, no DALI needed (one call): the codebook search at
+#   bash bench/gpu/run.sh kernels   issues 12 and 13's measurement, no DALI needed (one call): the codebook search at
 #                                   65536 x 8192 (bf16, autocast bf16 + fp32 codebook, fp32) against the eager path and
-#                                   the floor, gather / restore (fwd, fwd+bwd; B = 32 ... 1024) in TB/s, the kernel
-#                                   test files on the GPU, then every kernel suite (vq, masking, block masks) in what
-#                                   time is left
+#                                   the floor, the Gumbel-softmax (straight-through, fwd and fwd+bwd, 65536 x 8192, bf16
+#                                   and fp32) against F.gumbel_softmax and the floor, gather / restore (fwd, fwd+bwd;
+#                                   B = 32 ... 1024) in TB/s, the kernel test files on the GPU, then every kernel suite
+#                                   (vq, gumbel, masking, block masks) in what time is left
 #
 # Everything is written under $OUT: bench JSON (pytest-benchmark), one log, summary.md (printed last).
 set -uo pipefail
@@ -103,15 +104,18 @@ kernels() {
   export PYTHONUNBUFFERED=1
   # the must-show first: search at the issue's shape (mimfast vs eager, floor ratio in extra_info), gather/restore
   bench vq_65536x8192 150 bench/test_vq.py -k "65536x8192 and (mimfast or eager)"
+  bench gumbel_65536x8192 100 bench/test_gumbel.py -k "65536x8192 and not compile"
   bench masking 150 bench/test_masking.py -k "mimfast or mae_ref"
   say "pytest kernel tests on the GPU"
   timeout -k 10 "$(($(left) < 150 ? $(left) : 150))" python3 -m pytest tests/test_vq_search.py tests/test_quantize.py \
-    tests/test_token_gather.py tests/test_mask_generators.py -q -x -rs -p no:cacheprovider 2>&1 | tee -a "$LOG"
+    tests/test_token_gather.py tests/test_mask_generators.py tests/test_gumbel.py tests/test_gumbel_quantizers.py \
+    -q -x -rs -p no:cacheprovider 2>&1 | tee -a "$LOG"
   say "kernel tests: exit ${PIPESTATUS[0]}"
   # every kernel suite, in what time is left (torch.compile providers last: they compile for minutes)
   bench vq_rest 150 bench/test_vq.py -k "not 65536x8192 and not compile"
+  bench gumbel_rest 60 bench/test_gumbel.py -k "not 65536x8192 and not compile"
   bench block_masking 60 bench/test_block_masking.py
-  bench kernels_compile 120 bench/test_vq.py bench/test_masking.py -k compile
+  bench kernels_compile 120 bench/test_vq.py bench/test_masking.py bench/test_gumbel.py -k compile
   python3 bench/summarize.py "$OUT"/*.json >"$OUT/summary.md" 2>&1
   say "done in $((SECONDS - T0)) s; summary:"
   cat "$OUT/summary.md"

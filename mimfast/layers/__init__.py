@@ -2,17 +2,21 @@
 
 from .attention import attention, attention_backend, available_backends, set_default_backend
 from .discriminator import NLayerDiscriminator
+from .gumbel_quantizer import GumbelQuantizer
 from .quantizer import VectorQuantizer
+from .regularized_quantizer import RegularizedQuantizer
 from .vit import Attention, Block, DropPath, LayerScale, Mlp, PatchEmbed, get_2d_sincos_pos_embed
 
 __all__ = [
     "Attention",
     "Block",
     "DropPath",
+    "GumbelQuantizer",
     "LayerScale",
     "Mlp",
     "NLayerDiscriminator",
     "PatchEmbed",
+    "RegularizedQuantizer",
     "VectorQuantizer",
     "attention",
     "attention_backend",

@@ -1,5 +1,6 @@
 """mimfast.ops: the public functional API over mimfast.kernels."""
 
+from .gumbel import GUMBEL_NAN_POLICIES, draw_philox, gumbel_quantize, gumbel_softmax
 from .masking import (
     MageMask,
     RandomMask,
@@ -13,6 +14,7 @@ from .quantize import NAN_POLICIES, QuantizeInfo, quantize, quantize_with_info, 
 from .tokens import gather_tokens, inverse_index, restore_tokens
 
 __all__ = [
+    "GUMBEL_NAN_POLICIES",
     "NAN_POLICIES",
     "MageMask",
     "QuantizeInfo",
@@ -20,7 +22,10 @@ __all__ = [
     "beit_block_masking",
     "block_masking",
     "cae_block_masking",
+    "draw_philox",
     "gather_tokens",
+    "gumbel_quantize",
+    "gumbel_softmax",
     "inverse_index",
     "mage_masking",
     "quantize",
