@@ -19,98 +19,9 @@ import argparse
 import os
 import shlex
 import sys
-import time
 import warnings
 
-import torch
-
 from . import __version__
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device: torch.device, reps: int) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up (compiles Triton kernels on first call)."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def _eager_search(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    """What taming-style VQ code does: the full N x K fp32 distance matrix, then argmin."""
-    xf, ef = x.float(), e.float()
-    d = (xf * xf).sum(1, keepdim=True) + (ef * ef).sum(1)[None, :] - 2 * xf @ ef.T
-    return d.argmin(dim=1)
-
-
-def _mixture(n: int, dim: int, clusters: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    centres = torch.randn(clusters, dim, generator=gen) * 3
-    which = torch.randint(0, clusters, (n,), generator=gen)
-    return (centres[which] + 0.5 * torch.randn(n, dim, generator=gen)).to(device)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import mimfast
-
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda was asked for but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
-    n = args.n or (65536 if device.type == "cuda" else 16384)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    gen = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    path = "Triton kernel" if mimfast.kernels.use_triton(torch.empty(0, device=device)) else "PyTorch reference path"
-    print(f"mimfast {__version__} demo | device={device} ({path}) | torch {torch.__version__}")
-    print(f"batch: N={n} vectors of D={args.dim} ({args.dtype}), codebook K={args.codebook_size}, seed {args.seed}")
-
-    x = _mixture(n, args.dim, args.clusters, gen, device).to(dtype)
-    codebook = torch.randn(args.codebook_size, args.dim, generator=gen).to(device).to(dtype)
-
-    # 1) speed of the search itself, against the eager path, plus agreement of the two
-    t_fast = _time(lambda: mimfast.kernels.vq_search(x, codebook), device, args.reps)
-    nk_bytes = n * args.codebook_size * 4
-    t_eager = _time(lambda: _eager_search(x, codebook), device, args.reps)
-    idx, _, _ = mimfast.vq_search(x, codebook)
-    agree = (idx == _eager_search(x, codebook)).float().mean().item()
-    print(f"search  mimfast {t_fast * 1e3:8.2f} ms  ({n / t_fast / 1e6:7.2f} M vectors/s)")
-    print(f"search  eager   {t_eager * 1e3:8.2f} ms  (builds a {nk_bytes / 2**20:.0f} MiB N x K fp32 matrix)"
-          f"  -> speed-up {t_eager / t_fast:5.2f}x, index agreement {agree:.4%}")  # fmt: skip
-
-    # 2) train an EMA quantizer on the batch: usage should rise from the random init to most codes in use
-    vq = mimfast.VectorQuantizer(
-        args.dim, args.codebook_size, decay=0.9, kmeans_init=True, kmeans_iters=5, threshold_ema_dead_code=0.5
-    ).to(device)
-    with torch.no_grad():
-        _, _, loss0 = mimfast.quantize(x, vq.embed.to(dtype), codebook_loss=False)
-    print(f"random codebook: commitment loss {loss0.item():.4f}")
-    t0 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        batch = x[torch.randint(0, n, (min(n, args.batch),), generator=gen).to(device)]
-        _, _, loss = vq(batch)
-        if step == 1 or step % max(1, args.steps // 5) == 0 or step == args.steps:
-            u = vq.usage()
-            print(f"  step {step:4d}/{args.steps}  loss {loss.item():.4f}  perplexity {u['perplexity'].item():8.1f}"
-                  f"  codes used {u['used_fraction'].item():6.1%}")  # fmt: skip
-    _sync(device)
-    dt = time.perf_counter() - t0
-    vq.eval()
-    with torch.no_grad():
-        _, _, loss1 = vq(x)
-    u = vq.usage()
-    print(f"trained codebook: commitment loss {loss1.item():.4f} (was {loss0.item():.4f}), perplexity "
-          f"{u['perplexity'].item():.1f} of {args.codebook_size}, codes used {u['used_fraction'].item():.1%}, "
-          f"{args.steps * min(n, args.batch) / dt / 1e3:.1f}k vectors/s in training")  # fmt: skip
-    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -145,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error (or MIMFAST_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
+    from .demo import cmd_demo
+
     d = sub.add_parser(
-        "demo", parents=[common], help="quantize a built-in batch with mimfast.quantize; print speed and codebook usage"
+        "demo",
+        parents=[common],
+        help="quantize a built-in batch with mimfast.quantize; print speed and codebook usage; compare the quantizers",
     )
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     d.add_argument("--n", type=int, default=0, help="vectors in the batch (default 65536 on CUDA, 16384 on CPU)")
@@ -158,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=4096, help="vectors per training step")
     d.add_argument("--reps", type=int, default=5, help="timed repetitions of each search")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--compare-steps", type=int, default=300,
+                   help="steps of the quantizer comparison (VQ / Gumbel / Regularized VQ); 0 skips it")  # fmt: skip
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser(
         "pretrain",
@@ -251,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     debug = args.debug or os.environ.get("MIMFAST_DEBUG", "").lower() not in ("", "0", "false", "no")
-    for name in ("n", "dim", "codebook_size", "clusters", "steps", "batch", "reps"):
+    for name in ("n", "dim", "codebook_size", "clusters", "steps", "batch", "reps", "compare_steps"):
         v = getattr(args, name, None)
-        if args.command == "demo" and v is not None and v < (0 if name == "n" else 1):
-            print(f"error: --{name.replace('_', '-')} must be >= {0 if name == 'n' else 1}, got {v}", file=sys.stderr)
+        low = 0 if name in ("n", "compare_steps") else 1
+        if args.command == "demo" and v is not None and v < low:
+            print(f"error: --{name.replace('_', '-')} must be >= {low}, got {v}", file=sys.stderr)
             return 2
     user_errors = (ConfigError, CheckpointError, DataError, ValueError, FileNotFoundError, NotADirectoryError,
                    IsADirectoryError, PermissionError, ImportError)  # fmt: skip

@@ -11,9 +11,11 @@ from mimfast.cli import main
 
 def test_demo_runs_and_reports(capsys):
     rc = main(["demo", "--n", "2048", "--dim", "16", "--codebook-size", "64", "--clusters", "32", "--steps", "4",
-               "--batch", "512", "--reps", "1"])  # fmt: skip
+               "--batch", "512", "--reps", "1", "--compare-steps", "30"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0
+    table = re.findall(r"^  (vq \(no restart\)|gumbel|regularized)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%$", out, re.M)
+    assert [r[0] for r in table] == ["vq (no restart)", "gumbel", "regularized"], out
     assert "index agreement 100.0000%" in out, out
     before, after = map(float, re.search(r"commitment loss ([\d.]+) \(was ([\d.]+)\)", out).groups()[::-1])
     assert after < before, f"training did not lower the commitment loss: {before} -> {after}"

@@ -164,3 +164,19 @@ def test_tokenizer_trains_with_a_late_discriminator_resumes_exactly_and_reconstr
     assert Image.open(png).size == (2 * (128 + 2) + 2, 3 * (128 + 2) + 2)  # two columns: original | reconstruction
     assert main(["probe", "--checkpoint", str(straight), "--steps", "5"]) == 2
     assert "the tokenizer task gives no 'cls' feature" in capsys.readouterr().err
+
+
+@needs_dali
+def test_regularized_and_gumbel_tokenizers_train(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    taus = []
+
+    def on_step(step, model, m):
+        taus.append(model.quantize.tau)
+
+    pretrain(get_config("regvq_debug", [f"train.out_dir={tmp_path / 'r'}", "train.max_steps=3", "train.log_every=1"]))
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert {"kl", "contrastive", "perplexity", "used"} <= set(rows[-1]) and rows[-1]["contrastive"] > 0
+    pretrain(get_config("gumbel_debug", [f"train.out_dir={tmp_path / 'g'}", "train.max_steps=3",
+                                         "model.loss.tau_decay_steps=4"]), on_step=on_step)  # fmt: skip
+    assert taus[0] == pytest.approx(0.9) and taus[0] > taus[1] > taus[2] > 1e-6  # taming's cosine annealing

@@ -141,3 +141,32 @@ def test_bad_inputs():
         m.decode(torch.full((1, 8, 8), 128))
     with pytest.raises(ValueError, match=r"ids: expected \(B, h, w\)"):
         m.decode(torch.zeros(8, 8, dtype=torch.long))
+
+
+def test_stochastic_quantizers_plug_in():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    reg = create_model("vqgan_f4_k128_debug", quantizer="regvq").train()
+    rec, qloss, ids, info = reg(x, return_info=True)
+    assert rec.shape == x.shape and ids.shape == (2, 8, 8) and info["pcl_weights"].shape == (2, 8, 8)
+    assert bool((info["pcl_weights"][~info["mask"]] == 0).all())  # argmax positions: w_i = 0
+    assert float(info["mask"].float().mean()) == pytest.approx(0.4, abs=0.02)  # 40% Gumbel-sampled
+    qloss.backward()
+    gum = create_model("vqgan_f4_k128_debug", quantizer="gumbel").train()
+    rec, qloss, ids = gum(x)
+    assert hasattr(gum.quantize, "tau") and ids.shape == (2, 8, 8)
+    (rec.abs().mean() + qloss).backward()
+    assert gum.quantize.proj.weight.grad is not None
+    gum.eval()
+    assert torch.equal(gum.encode(x), gum.encode(x))  # eval: deterministic argmax
+
+
+def test_taming_gumbel_keys_load():
+    m = create_model("vqgan_f4_k128_debug", quantizer="gumbel")
+    sd = {k: torch.randn_like(v) for k, v in m.state_dict().items()}
+    assert {"quantize.proj.weight", "quantize.proj.bias", "quantize.embed.weight"} <= set(sd)  # taming's GumbelQuantize
+    sd["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
+    assert m.load_taming_state_dict(sd) == ["loss.discriminator.main.0.weight"]
+    assert torch.equal(m.quantize.embed.weight, sd["quantize.embed.weight"])
+    with pytest.raises(ValueError, match="quantizer='vq' or 'gumbel'"):
+        create_model("vqgan_f4_k128_debug", quantizer="regvq").load_taming_state_dict(sd)

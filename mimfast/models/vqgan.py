@@ -3,8 +3,10 @@
 The architecture and parameter names follow taming-transformers' ``VQModel`` (``encoder.down.{i}.block.{j}...``,
 ``encoder.mid.attn_1``, ``quant_conv``, ``post_quant_conv``, ``decoder.up.{i}...``), so a taming checkpoint loads
 through :meth:`VQGAN.load_taming_state_dict`, which maps the quantizer's keys and drops the training loss's. The
-quantizer is chosen by ``VQGANConfig.quantizer``: ``"vq"`` (learnable codebook, commitment loss),
-``"ema"`` (EMA codebook with dead-code restart); every quantizer keeps mimfast's drop-in call shape
+quantizer is chosen by ``VQGANConfig.quantizer``: ``"vq"`` (learnable codebook, commitment loss), ``"ema"`` (EMA
+codebook with dead-code restart), ``"gumbel"`` (taming's Gumbel quantizer: a 1x1 projection to K logits, Gumbel-softmax
+with a temperature the launcher anneals, KL to the uniform prior) or ``"regvq"`` (Regularized VQ: usage-prior KL,
+stochastic argmax / Gumbel mask, PCL weights); every quantizer keeps mimfast's drop-in call shape
 ``quantizer(z (B, D, h, w)) -> (z_q, indices (B, h, w), loss)``.
 
 Token API (what BEiT / CAE / MAGE use): ``encode(images) -> ids (B, h, w)``, ``decode(ids) -> images``,
@@ -21,12 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers.gumbel_quantizer import GumbelQuantizer
 from ..layers.quantizer import VectorQuantizer
+from ..layers.regularized_quantizer import RegularizedQuantizer
 from .registry import register_model
 
 __all__ = ["VQGAN", "VQGANConfig"]
 
-QUANTIZERS = ("vq", "ema")
+QUANTIZERS = ("vq", "ema", "gumbel", "regvq")
 
 
 @dataclass
@@ -52,7 +56,7 @@ class VQGANConfig:
     codebook_size: int = 1024
     """Number of codes K."""
     quantizer: str = "vq"
-    """``"vq"`` (learnable codebook) or ``"ema"`` (EMA codebook, dead-code restart)."""
+    """``"vq"`` (learnable codebook), ``"ema"`` (EMA codebook, dead-code restart), ``"gumbel"`` or ``"regvq"``."""
     beta: float = 0.25
     """Commitment weight of the quantizer loss."""
     legacy_beta: bool = False
@@ -61,6 +65,13 @@ class VQGANConfig:
     """EMA decay (``quantizer="ema"``)."""
     dead_code_threshold: float = 0.0
     """``quantizer="ema"``: restart codes whose EMA cluster size falls below this (0 = never)."""
+    kl_weight: float | None = None
+    """``gumbel`` / ``regvq``: weight of the KL to the uniform prior (None: the quantizer's default, taming's 5e-4 for
+    Gumbel, 0.1 for Regularized VQ)."""
+    mask_ratio: float = 0.4
+    """``regvq``: share of positions Gumbel-sampled in training (the paper's 0.4)."""
+    distance_temperature: float = 1.0
+    """``regvq``: T in logits = -||z - e||^2 / T."""
     num_groups: int = 32
     """GroupNorm groups (taming: 32)."""
     dropout: float = 0.0
@@ -93,6 +104,8 @@ class VQGANConfig:
             raise ValueError(f"VQGANConfig.ema_decay: expected a float in [0, 1), got {self.ema_decay!r}")
         if not self.beta >= 0:
             raise ValueError(f"VQGANConfig.beta: expected a float >= 0, got {self.beta!r}")
+        if self.kl_weight is not None and not (isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0):
+            raise ValueError(f"VQGANConfig.kl_weight: expected None or a float >= 0, got {self.kl_weight!r}")
 
     @property
     def factor(self) -> int:
@@ -294,10 +307,18 @@ class VQGAN(nn.Module):
                                             accept_image_fmap=True)  # fmt: skip
             with torch.no_grad():  # taming's init: uniform(-1/K, 1/K)
                 self.quantize.embed.uniform_(-1.0 / c.codebook_size, 1.0 / c.codebook_size)
-        else:
+        elif c.quantizer == "ema":
             self.quantize = VectorQuantizer(c.embed_dim, c.codebook_size, commitment_weight=c.beta, ema_update=True,
                                             decay=c.ema_decay, threshold_ema_dead_code=c.dead_code_threshold,
                                             accept_image_fmap=True)  # fmt: skip
+        elif c.quantizer == "gumbel":
+            kl = {} if c.kl_weight is None else {"kl_weight": c.kl_weight}
+            self.quantize = GumbelQuantizer(c.embed_dim, c.codebook_size, accept_image_fmap=True, **kl)
+        else:
+            kl = {} if c.kl_weight is None else {"kl_weight": c.kl_weight}
+            self.quantize = RegularizedQuantizer(c.embed_dim, c.codebook_size, mask_ratio=c.mask_ratio,
+                                                 distance_temperature=c.distance_temperature,
+                                                 commitment_weight=c.beta, accept_image_fmap=True, **kl)  # fmt: skip
 
     # --------------------------------------------------------------------------------------------------- paths
     def _check_images(self, images: torch.Tensor) -> None:
@@ -315,10 +336,16 @@ class VQGAN(nn.Module):
         """Quantized latents (B, D, h, w) -> images (B, C, H, W)."""
         return self.decoder(self.post_quant_conv(z_q))
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, *, return_info: bool = False):
+        """``return_info=True`` adds the quantizer's info dict (Regularized VQ: ``pcl_weights`` (B, h, w), the
+        sampled / best-match codes, ``kl``...; empty for the other quantizers)."""
         z = self.encode_latent(images)
-        z_q, indices, qloss = self.quantize(z)
-        return self.decode_latent(z_q), qloss, indices
+        if hasattr(self.quantize, "forward_with_info"):
+            z_q, indices, qloss, info = self.quantize.forward_with_info(z)
+        else:
+            (z_q, indices, qloss), info = self.quantize(z), {}
+        rec = self.decode_latent(z_q)
+        return (rec, qloss, indices, info) if return_info else (rec, qloss, indices)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -349,26 +376,29 @@ class VQGAN(nn.Module):
         """Load a taming-transformers ``VQModel`` state dict (``"state_dict"`` of its Lightning checkpoint).
 
         The encoder / decoder / ``quant_conv`` / ``post_quant_conv`` keys are the same; ``quantize.embedding.weight``
-        becomes the codebook; the training loss's keys (``loss.*``: LPIPS, discriminator) are dropped and returned.
-        Use ``quantizer="vq"`` (and ``legacy_beta=True`` to keep taming's loss). Returns the ignored keys.
+        becomes the codebook (``quantizer="vq"``; use ``legacy_beta=True`` to keep taming's loss); a ``GumbelVQ``'s
+        ``quantize.proj`` / ``quantize.embed`` load as they are (``quantizer="gumbel"``); the training loss's keys
+        (``loss.*``: LPIPS, discriminator) are dropped and returned.
         """
-        if self.config.quantizer != "vq":
-            raise ValueError(f"load_taming_state_dict: taming's VQModel has a learnable codebook; build the model with "
-                             f"quantizer='vq', not {self.config.quantizer!r}")  # fmt: skip
+        if self.config.quantizer not in ("vq", "gumbel"):
+            raise ValueError(f"load_taming_state_dict: taming's VQModel / GumbelVQ have a learnable codebook / Gumbel "
+                             f"quantizer; build the model with quantizer='vq' or 'gumbel', not "
+                             f"{self.config.quantizer!r}")  # fmt: skip
         sd = state_dict.get("state_dict", state_dict)
         mapped, ignored = {}, []
         for k, v in sd.items():
             if k.startswith("loss."):
                 ignored.append(k)
-            elif k == "quantize.embedding.weight":
+            elif k == "quantize.embedding.weight" and self.config.quantizer == "vq":
                 mapped["quantize.embed"] = v
             else:
                 mapped[k] = v
         own = self.state_dict()
-        for k in ("quantize.cluster_size", "quantize.embed_avg", "quantize.initted"):  # EMA-only state: keep ours
-            mapped.setdefault(k, own[k])
-        if "quantize.embed" in mapped:
-            mapped["quantize.embed_avg"] = mapped["quantize.embed"].clone()
+        if self.config.quantizer == "vq":
+            for k in ("quantize.cluster_size", "quantize.embed_avg", "quantize.initted"):  # EMA-only state: keep ours
+                mapped.setdefault(k, own[k])
+            if "quantize.embed" in mapped:
+                mapped["quantize.embed_avg"] = mapped["quantize.embed"].clone()
         missing = [k for k in own if k not in mapped]
         unexpected = [k for k in mapped if k not in own]
         if strict and (missing or unexpected):

@@ -425,6 +425,13 @@ PRESETS = {
     "mae_vit_huge": lambda: _mae_preset("mae_vit_huge", "mae_vit_huge_patch14_dec512d8b", 64),
     "mae_debug": _mae_debug,
     "vqgan_debug": lambda: _tokenizer_debug("vqgan_debug", "vq", 8),
+    # Regularized VQ: the usage prior and the 40% Gumbel mask are in the quantizer; PCL on the tokenizer's own
+    # (detached) encoder features, weighted by w_i = ||z_sampled - z_best||^2
+    "regvq_debug": lambda: _tokenizer_debug(
+        "regvq_debug", "regvq", 8, perceptual="self", perceptual_weight=0.0, contrastive="pcl", contrastive_weight=0.1
+    ),  # fmt: skip
+    # taming's Gumbel VQGAN: temperature 0.9 annealed by a cosine to 1e-6, here over the whole (short) run
+    "gumbel_debug": lambda: _tokenizer_debug("gumbel_debug", "gumbel", 8, tau_decay_steps=8 * 62),
     "vqgan_f16_imagenet": _vqgan_f16_imagenet,
 }
 

@@ -127,8 +127,9 @@ def _import_extractor(spec: str) -> nn.Module:
 
 @register_task
 class TokenizerTask(Task):
-    """VQGAN training: ``loss`` = the tokenizer's generator loss; metrics: ``rec_l1``, ``codebook``, the codebook's
-    ``perplexity`` and ``used`` fraction (this step's batch), and with a discriminator ``d_loss``, ``g_loss``,
+    """VQGAN training: ``loss`` = the tokenizer's generator loss; metrics: ``rec_l1``, ``codebook`` (the quantizer's
+    loss), the codebook's ``perplexity`` and ``used`` fraction (this step's batch), ``kl`` (Regularized VQ's usage
+    prior), ``contrastive`` (PatchNCE / PCL), and with a discriminator ``disc`` (its loss), ``g_loss``,
     ``d_weight``."""
 
     name = "tokenizer"
@@ -185,13 +186,18 @@ class TokenizerTask(Task):
         imgs = batch.images.to(device, non_blocking=True)
         if hasattr(inner.quantize, "tau"):  # stochastic quantizers: the launcher owns the temperature schedule
             inner.quantize.tau = self.tau_at(step)
-        rec, qloss, _ = model(imgs)
+        rec, qloss, _, info = model(imgs, return_info=True)
         g, logs = inner.loss.generator_loss(imgs, rec, global_step=step, codebook_loss=qloss,
-                                            last_layer=inner.decoder.last_layer)  # fmt: skip
+                                            last_layer=inner.decoder.last_layer,
+                                            pcl_weights=info.get("pcl_weights"))  # fmt: skip
         losses = {"model": g}
         usage = inner.quantize.usage()
         metrics = {"rec_l1": logs["rec_l1"], "codebook": logs.get("codebook", qloss.detach()),
                    "perplexity": usage["perplexity"], "used": usage["used_fraction"]}  # fmt: skip
+        if "kl" in info:
+            metrics["kl"] = info["kl"]
+        if "contrastive" in logs:
+            metrics["contrastive"] = logs["contrastive"]
         if inner.loss.discriminator is not None:
             d, dlogs = inner.loss.discriminator_loss(imgs, rec, global_step=step)
             losses["disc"] = d
