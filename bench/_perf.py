@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 H100 = dict(
     hbm_bytes_s=3.35e12, bf16_flops=990e12, tf32_flops=495e12, fp32_flops=67e12, fp32_ops=33.5e12, sfu_ops_s=3.9e12
 )
+
+
+def _run_peaks() -> tuple[dict, str]:
+    """The ceilings the benchmarks' floors use: the H100 datasheet (PERF.md), with the HBM bandwidth and the bf16
+    matmul rate replaced by the ones measured on this GPU in this run when ``MIMFAST_CEILINGS`` names the JSON that
+    ``bench/gpu/ceilings.py`` wrote (PERF.md: compute every floor ratio from ceilings measured in the same run)."""
+    path = os.environ.get("MIMFAST_CEILINGS")
+    if not path:
+        return dict(H100), "H100 datasheet (PERF.md)"
+    with open(path) as f:
+        m = json.load(f)
+    scale = m["bf16_flops"] / H100["bf16_flops"]  # tensor-core rates scale together
+    peaks = dict(H100, hbm_bytes_s=m["hbm_bytes_s"], bf16_flops=m["bf16_flops"], tf32_flops=H100["tf32_flops"] * scale)
+    gpu, tbs, tfs = m.get("gpu", "?"), m["hbm_bytes_s"] / 1e12, m["bf16_flops"] / 1e12
+    return peaks, f"measured on {gpu}: {tbs:.2f} TB/s, {tfs:.0f} TFLOP/s"
+
+
+PEAKS, PEAKS_SOURCE = _run_peaks()
 
 
 def matmul_peak(dtype: torch.dtype, peaks: dict = H100) -> float:

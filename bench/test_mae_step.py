@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from _perf import H100
+from _perf import PEAKS
 
 from mimfast.models import create_model
 
@@ -89,7 +89,7 @@ def test_mae_step(benchmark, provider, name, batch, device):
         benchmark.pedantic(step, warmup_rounds=1, rounds=3, iterations=1)
     per_step = benchmark.stats.stats.median / steps
     info["img_per_s"] = batch / per_step
-    info["mfu"] = flops * batch / per_step / H100["bf16_flops"] if device == "cuda" else None
+    info["mfu"] = flops * batch / per_step / PEAKS["bf16_flops"] if device == "cuda" else None
     loss = step().item()
     info["loss_after"] = loss
     benchmark.extra_info.update(info)

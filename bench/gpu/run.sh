@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (the device tool runs this in the repo root; $OUT comes back). See bench/results/README.md.
+# A lent session runs the kit in this order (DEVELOPERS: the GPU backlog comes first):
 #
-#   bash bench/gpu/run.sh stash     keep the .gpu/site.tar.xz.part* this call carried (outside the tree, in $STASH)
-#   bash bench/gpu/run.sh issue4    stash, install DALI from the parts, then issue 4's measurement: the DALI `mixed`
-#                                   loader's img/s against the MAE ViT-B/16 training step's img/s at batch 256, the
-#                                   GPU data tests and a short CUDA pretraining run; then the rest of bench/ as time
+#   bash bench/gpu/run.sh core      call 1, nothing carried: the ceilings (HBM copy, bf16 matmul) measured first and
+#                                   used for every floor ratio, then every kernel and model-step suite of bench/ at
+#                                   PERF.md's shapes, the must-shows first (codebook search and Gumbel at 65536 x 8192,
+#                                   gather / restore TB/s, the MAE ViT-B/16 step), `pytest -m gpu` plus the kernel test
+#                                   files on the GPU, then the remaining suites and the torch.compile providers as time
 #                                   allows (BUDGET_S, default 420 s for the whole command)
-#   bash bench/gpu/run.sh kernels   issues 12 and 13's measurement, no DALI needed (one call): the codebook search at
-#                                   65536 x 8192 (bf16, autocast bf16 + fp32 codebook, fp32) against the eager path and
-#                                   the floor, the Gumbel-softmax (straight-through, fwd and fwd+bwd, 65536 x 8192, bf16
-#                                   and fp32) against F.gumbel_softmax and the floor, gather / restore (fwd, fwd+bwd;
-#                                   B = 32 ... 1024) in TB/s, the kernel test files on the GPU, then every kernel suite
-#                                   (vq, gumbel, masking, block masks) in what time is left
+#   bash bench/gpu/run.sh stash     calls 2-3: keep the .gpu/site.tar.xz.part* this call carried (outside the tree)
+#   bash bench/gpu/run.sh dali      call 4, carrying the last part: install DALI from the parts, then the DALI
+#                                   `mixed` loader's img/s against the MAE step's img/s (both in this call) and the
+#                                   DALI-dependent GPU tests (`tests/test_data.py tests/test_train.py -m gpu`)
 #
+# (`kernels` and `issue4` are the old names of `core` and `dali`.)
 # Everything is written under $OUT: bench JSON (pytest-benchmark), one log, summary.md (printed last).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -72,61 +73,74 @@ bench() {  # bench NAME TIMEOUT_S PYTEST_ARGS...: one pytest-benchmark run into 
   say "$name: exit ${PIPESTATUS[0]}"
 }
 
-issue4() {
-  stash
+header() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
-  install_dali || say "DALI NOT INSTALLED: the loader bench and GPU data tests will skip"
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOG"
-  export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS for the exact-resume test
+  export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS for the exact-resume tests
+  say "measuring the ceilings (every floor ratio below uses them)"
+  if timeout -k 10 60 python3 bench/gpu/ceilings.py --out "$OUT/ceilings.json" 2>&1 | tee -a "$LOG"; then
+    export MIMFAST_CEILINGS="$OUT/ceilings.json"
+  else
+    say "ceilings not measured: floor ratios fall back to the H100 datasheet (PERF.md)"
+  fi
+}
 
-  # the must-show: loader vs step. One JSON per pytest run: a run cut by its timeout writes none, so the slow
-  # torch.compile providers go last, on their own
-  bench loader 120 bench/test_loader.py
-  bench mae_step 150 bench/test_mae_step.py -k "not compile"
-  say "pytest tests/test_data.py tests/test_train.py -m gpu"
-  timeout -k 10 "$(($(left) < 150 ? $(left) : 150))" python3 -m pytest tests/test_data.py tests/test_train.py -m gpu \
-    -q -rs -p no:cacheprovider 2>&1 | tee -a "$LOG"
-  say "gpu tests: exit ${PIPESTATUS[0]}"
-  bench mae_step_compile 200 bench/test_mae_step.py -k compile
-  # the rest of the suite, most informative first, in what time is left
-  bench kernels 200 bench/test_masking.py bench/test_vq.py
-  bench others 120 bench/test_attention.py bench/test_block_masking.py
-  python3 bench/summarize.py "$OUT"/*.json >"$OUT/summary.md" 2>&1
+summary() {
+  {
+    [ -f "$OUT/ceilings.json" ] && python3 bench/gpu/ceilings.py --show "$OUT/ceilings.json"
+    python3 bench/summarize.py $(ls "$OUT"/*.json | grep -v '/ceilings\.json$')
+  } >"$OUT/summary.md" 2>&1
   say "done in $((SECONDS - T0)) s; summary:"
   cat "$OUT/summary.md"
 }
 
-kernels() {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
-  python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee -a "$LOG"
-  export PYTHONUNBUFFERED=1
-  # the must-show first: search at the issue's shape (mimfast vs eager, floor ratio in extra_info), gather/restore
+gpu_tests() {  # gpu_tests TIMEOUT_S PYTEST_ARGS...
+  local t=$1
+  shift
+  [ "$t" -gt "$(left)" ] && t=$(left)
+  say "pytest $* (timeout ${t}s)"
+  timeout -k 10 "$t" python3 -m pytest "$@" -q -rs -p no:cacheprovider 2>&1 | tee -a "$LOG"
+  say "tests: exit ${PIPESTATUS[0]}"
+}
+
+core() {
+  header
+  # the must-shows first, one JSON per pytest run (a run cut by its timeout writes none)
   bench vq_65536x8192 150 bench/test_vq.py -k "65536x8192 and (mimfast or eager)"
   bench gumbel_65536x8192 100 bench/test_gumbel.py -k "65536x8192 and not compile"
-  bench masking 150 bench/test_masking.py -k "mimfast or mae_ref"
-  say "pytest kernel tests on the GPU"
-  timeout -k 10 "$(($(left) < 150 ? $(left) : 150))" python3 -m pytest tests/test_vq_search.py tests/test_quantize.py \
-    tests/test_token_gather.py tests/test_mask_generators.py tests/test_gumbel.py tests/test_gumbel_quantizers.py \
-    -q -x -rs -p no:cacheprovider 2>&1 | tee -a "$LOG"
-  say "kernel tests: exit ${PIPESTATUS[0]}"
-  # every kernel suite, in what time is left (torch.compile providers last: they compile for minutes)
-  bench vq_rest 150 bench/test_vq.py -k "not 65536x8192 and not compile"
+  bench masking 120 bench/test_masking.py -k "mimfast or mae_ref"
+  bench mae_step 150 bench/test_mae_step.py -k "not compile"
+  gpu_tests 150 tests/ -m gpu
+  gpu_tests 150 tests/test_vq_search.py tests/test_quantize.py tests/test_token_gather.py tests/test_mask_generators.py \
+    tests/test_gumbel.py tests/test_gumbel_quantizers.py -x
+  # every other suite, most informative first, then the slow torch.compile providers
+  bench attention 90 bench/test_attention.py
+  bench vq_rest 120 bench/test_vq.py -k "not 65536x8192 and not compile"
   bench gumbel_rest 60 bench/test_gumbel.py -k "not 65536x8192 and not compile"
   bench block_masking 60 bench/test_block_masking.py
+  bench masking_rest 60 bench/test_masking.py -k "not (mimfast or mae_ref) and not compile"
+  bench mae_step_compile 200 bench/test_mae_step.py -k compile
   bench kernels_compile 120 bench/test_vq.py bench/test_masking.py bench/test_gumbel.py -k compile
-  python3 bench/summarize.py "$OUT"/*.json >"$OUT/summary.md" 2>&1
-  say "done in $((SECONDS - T0)) s; summary:"
-  cat "$OUT/summary.md"
+  summary
+}
+
+dali() {
+  stash
+  install_dali || say "DALI NOT INSTALLED: the loader bench and the DALI GPU tests will skip"
+  header
+  bench loader 120 bench/test_loader.py
+  bench mae_step 150 bench/test_mae_step.py -k "not compile"  # the step the loader must keep up with, same run
+  gpu_tests 200 tests/test_data.py tests/test_train.py -m gpu
+  summary
 }
 
 case "${1:-}" in
+  core | kernels) core ;;
   stash) stash ;;
-  issue4) issue4 ;;
-  kernels) kernels ;;
+  dali | issue4) dali ;;
   *)
-    echo "usage: bash bench/gpu/run.sh stash|issue4|kernels" >&2
+    echo "usage: bash bench/gpu/run.sh core|stash|dali" >&2
     exit 2
     ;;
 esac
