@@ -197,12 +197,12 @@ def test_debug_flag_and_env_show_the_traceback():
 
 
 def test_unexpected_errors_are_one_line_and_say_so(monkeypatch, capsys):
-    import mimfast.cli as cli
+    import mimfast.demo as demo
 
     def boom(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(cli, "cmd_demo", boom)
+    monkeypatch.setattr(demo, "cmd_demo", boom)
     monkeypatch.delenv("MIMFAST_DEBUG", raising=False)
     assert main(["demo"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -287,13 +287,15 @@ def reconstruct(
     seed: int = 0,
     scale: int | None = None,
     device=None,
-) -> Path:
+    return_titles: bool = False,
+) -> Path | tuple[Path, list[str]]:
     """Write a PNG grid of the reconstructions of ``num_images`` validation images spread evenly over the split, one
     row per image, with the columns the model's task gives (:meth:`mimfast.train.tasks.Task.reconstruction`).
 
     MAE: original, masked input (removed patches grey), reconstruction, reconstruction with the visible patches
     pasted back; ``mask_ratio`` defaults to the run's. ``scale`` (nearest-neighbour upscaling) defaults to reaching
-    about 128 px per tile. Returns the path written (default: ``reconstruction.png`` in the checkpoint's directory).
+    about 128 px per tile. Returns the path written (default: ``reconstruction.png`` in the checkpoint's directory),
+    and the column titles with ``return_titles``.
     """
     from PIL import Image
 
@@ -311,7 +313,7 @@ def reconstruct(
         num_images = val.num_samples
     imgs = _spread_images(val, num_images).to(dev)
     gen = torch.Generator().manual_seed(seed)
-    _, columns = task_for(model, cfg).reconstruction(model, imgs, generator=gen, mask_ratio=mask_ratio)
+    titles, columns = task_for(model, cfg).reconstruction(model, imgs, generator=gen, mask_ratio=mask_ratio)
     cols = [denormalize(c.float().cpu(), data_cfg) for c in columns]
     orig = cols[0]
     n, _, h, w = orig.shape
@@ -336,7 +338,7 @@ def reconstruct(
     tmp = out.with_name(out.name + ".tmp")
     Image.fromarray(arr).save(tmp, format="PNG")
     tmp.replace(out)
-    return out
+    return (out, list(titles)) if return_titles else out
 
 
 # --------------------------------------------------------------------------------------------------- the CLI
@@ -415,7 +417,8 @@ def add_reconstruct_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    out = reconstruct(args.checkpoint, args.out, num_images=args.num_images, mask_ratio=args.mask_ratio,
-                      data_root=args.data_root, seed=args.seed, device=args.device)  # fmt: skip
-    print(f"reconstruction grid (original | masked | reconstruction | reconstruction + visible): {out}")
+    out, titles = reconstruct(args.checkpoint, args.out, num_images=args.num_images, mask_ratio=args.mask_ratio,
+                              data_root=args.data_root, seed=args.seed, device=args.device,
+                              return_titles=True)  # fmt: skip
+    print(f"reconstruction grid ({' | '.join(titles)}): {out}")
     return 0
