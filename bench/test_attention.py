@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from _perf import H100, PEAKS, gpu_target, matmul_peak
+from _perf import H100, PEAKS, matmul_peak, time_provider
 
 from mimfast.layers.attention import attention, attention_eager, available_backends
 
@@ -118,25 +118,11 @@ def test_attention(benchmark, provider, mode, shape, dtype, device):
         benchmark.group = f"attention {device} B={b} L={n} H={h}x{d} {str(dtype)[6:]} {mode}"
         info = dict(provider=provider, mode=mode, b=b, seq_len=n, h=h, d=d, dtype=str(dtype), device=device,
                     torch=torch.__version__)  # fmt: skip
-        launches = 1
-        if device == "cuda":
-            launches = 5
-            info["gpu"] = torch.cuda.get_device_name()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn(*inputs[0])
-            torch.cuda.synchronize()
-            info["peak_extra_mem_bytes"] = torch.cuda.max_memory_allocated() - base
-            benchmark.pedantic(gpu_target(fn, inputs, launches), warmup_rounds=3, rounds=10, iterations=1)
-        else:
-            benchmark.pedantic(fn, args=inputs[0], warmup_rounds=1, rounds=3, iterations=1)
+        per_call = time_provider(benchmark, fn, inputs, info, device, warmup_rounds=3)
         # correctness outside the timing: the first two samples against a float64 reference
         q, k, v, _ = (t[:2].detach() for t in inputs[0])
         out = fwd(q, k, v, None).double()
-    per_call = benchmark.stats.stats.median / launches
     bytes_, flops, _ = attention_cost(b, n, h, d, dtype.itemsize, mode)
-    info["median_us_per_call"] = per_call * 1e6
     info["effective_tb_s"] = bytes_ / per_call / 1e12
     info["tflops"] = flops / per_call / 1e12
     if device == "cuda":

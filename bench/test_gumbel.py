@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _perf import PEAKS, gpu_target, gumbel_floor_parts, gumbel_floor_s
+from _perf import PEAKS, gumbel_floor_parts, gumbel_floor_s, time_provider
 
 import mimfast
 from mimfast.kernels.gumbel_softmax import gumbel_softmax, gumbel_softmax_ref
@@ -97,23 +97,8 @@ def test_gumbel(benchmark, provider, mode, shape, dtype, device):
     benchmark.group = f"gumbel {mode} {device} N={n} K={k} {str(dtype)[6:]}"
     info = dict(provider=provider, mode=mode, n=n, k=k, tau=TAU, hard=True, dtype=str(dtype), device=device,
                 torch=torch.__version__)  # fmt: skip
-    launches = 1
-    if device == "cuda":
-        launches = 5
-        info["gpu"] = torch.cuda.get_device_name()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(*inputs[0])
-        torch.cuda.synchronize()
-        info["peak_extra_mem_bytes"] = torch.cuda.max_memory_allocated() - base
-        info["peak_mem_gib"] = info["peak_extra_mem_bytes"] / 2**30
-        benchmark.pedantic(gpu_target(fn, inputs, launches), warmup_rounds=2, rounds=10, iterations=1)
-    else:
-        benchmark.pedantic(fn, args=inputs[0], warmup_rounds=1, rounds=3, iterations=1)
-    per_call = benchmark.stats.stats.median / launches
+    per_call = time_provider(benchmark, fn, inputs, info, device)
     nbytes = moved_bytes(n, k, dtype, mode)
-    info["median_us_per_call"] = per_call * 1e6
     info["bytes"] = nbytes
     info["effective_gb_s"] = nbytes / per_call / 1e9
     info["effective_tb_s"] = nbytes / per_call / 1e12  # the column bench/summarize.py shows

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _perf import H100, PEAKS, gpu_target
+from _perf import H100, PEAKS, time_provider
 
 from mimfast.ops.tokens import gather_tokens, restore_tokens
 
@@ -142,16 +142,9 @@ def test_masking(benchmark, provider, op, shape, dtype, device):
     benchmark.group = f"masking {op} {device} B={bsz} L={seq} keep={lk} {str(dtype)[6:]}"
     info = dict(provider=provider, op=op, b=bsz, l=seq, keep=lk, d=d_enc if op.startswith("gather") else d_dec,
                 dtype=str(dtype), index_dtype=str(index_dtype), device=device, torch=torch.__version__)  # fmt: skip
-    launches = 1
-    if device == "cuda":
-        launches = 10
-        info["gpu"] = torch.cuda.get_device_name()
-        benchmark.pedantic(gpu_target(fn, inputs, launches), warmup_rounds=3, rounds=20, iterations=1)
-    else:
-        benchmark.pedantic(fn, args=inputs[0], warmup_rounds=1, rounds=3, iterations=1)
-    per_call = benchmark.stats.stats.median / launches
+    per_call = time_provider(benchmark, fn, inputs, info, device, launches=10, warmup_rounds=3, rounds=20,
+                             peak_memory=False)  # fmt: skip
     nbytes = moved_bytes(op, shape, dtype, index_dtype.itemsize)
-    info["median_us_per_call"] = per_call * 1e6
     info["bytes"] = nbytes
     info["effective_tb_s"] = nbytes / per_call / 1e12
     if device == "cuda":

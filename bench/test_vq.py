@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 import torch
-from _perf import PEAKS, gpu_target, vq_search_floor_s
+from _perf import PEAKS, time_provider, vq_search_floor_s
 
 from mimfast.kernels import vq_search
 
@@ -97,21 +97,7 @@ def test_vq_search(benchmark, provider, shape, dtype, device):
     name = dtype if dtype == AUTOCAST else str(dtype)[6:]
     benchmark.group = f"vq_search {device} N={n} K={k} D={d} {name}"
     info = dict(provider=provider, n=n, k=k, d=d, dtype=str(dtype), device=device, torch=torch.__version__)
-    launches = 1
-    if device == "cuda":
-        launches = 5
-        info["gpu"] = torch.cuda.get_device_name()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(*inputs[0])
-        torch.cuda.synchronize()
-        info["peak_extra_mem_bytes"] = torch.cuda.max_memory_allocated() - base
-        benchmark.pedantic(gpu_target(fn, inputs, launches), warmup_rounds=2, rounds=10, iterations=1)
-    else:
-        benchmark.pedantic(fn, args=inputs[0], warmup_rounds=1, rounds=3, iterations=1)
-    per_call = benchmark.stats.stats.median / launches
-    info["median_us_per_call"] = per_call * 1e6
+    per_call = time_provider(benchmark, fn, inputs, info, device)
     info["tflops"] = 2.0 * n * k * d / per_call / 1e12
     if device == "cuda":
         floor = vq_search_floor_s(n, k, d, xdt, PEAKS)
