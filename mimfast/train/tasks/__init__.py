@@ -10,6 +10,7 @@ registered under that name with :func:`register_task`. Adding a method adds a ta
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -41,7 +42,7 @@ class OptimizerSpec:
     """AdamW betas; None = ``optim.betas``."""
 
 
-class Task:
+class Task(abc.ABC):
     """Base class: the MAE-like default of one optimizer over every trainable parameter of the model.
 
     Subclasses set :attr:`name` and implement :meth:`losses`; the rest has defaults.
@@ -101,6 +102,7 @@ class Task:
         return None
 
     # ---------------------------------------------------------------------------------------------- training
+    @abc.abstractmethod
     def losses(self, model: nn.Module, batch, device: torch.device, step: int) -> tuple[dict[str, torch.Tensor], dict]:
         """One micro-batch of optimizer step ``step + 1``: ``({optimizer name: scalar loss}, {metric: scalar})``.
 
@@ -111,7 +113,6 @@ class Task:
         optimizer's parameters (use detached inputs / parameters otherwise). Metrics are averaged over micro-batches
         and ranks and logged next to the loss; keep their keys the same on every call.
         """
-        raise NotImplementedError(f"{type(self).__name__}.losses")
 
     # -------------------------------------------------------------------------------------------- evaluation
     def features(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
