@@ -665,3 +665,47 @@ def test_sincos_and_module_arg_errors():
         Attention(64, num_heads=0)
     with pytest.raises(ValueError, match=r"x: expected \(B, L, 32\)"):
         Attention(32, 4)(torch.randn(2, 5, 16))
+
+
+# ------------------------------------------------------------------------------------- BEiT / CAE attention parts
+def test_qv_bias_attention_matches_explicit_bias():
+    from mimfast.layers.vit import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2, qkv_bias="qv", backend="eager")
+    assert attn.qkv.bias is None and attn.q_bias.shape == (16,) and attn.v_bias.shape == (16,)
+    with torch.no_grad():
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
+    x = torch.randn(3, 5, 16)
+    full = torch.nn.Linear(16, 48)
+    with torch.no_grad():
+        full.weight.copy_(attn.qkv.weight)
+        full.bias.copy_(torch.cat((attn.q_bias, torch.zeros(16), attn.v_bias)))
+    ref = Attention(16, 2, qkv_bias=True, backend="eager")
+    ref.load_state_dict({"qkv.weight": full.weight, "qkv.bias": full.bias, "proj.weight": attn.proj.weight,
+                         "proj.bias": attn.proj.bias})  # fmt: skip
+    torch.testing.assert_close(attn(x), ref(x))
+    with pytest.raises(ValueError, match="qkv_bias"):
+        Attention(16, 2, qkv_bias="k")
+
+
+def test_relative_position_bias_index_is_beits():
+    from mimfast.layers.vit import RelativePositionBias
+
+    rpb = RelativePositionBias((3, 4), num_heads=2)
+    idx = rpb.relative_position_index
+    n = (2 * 3 - 1) * (2 * 4 - 1) + 3
+    assert rpb.relative_position_bias_table.shape == (n, 2) and idx.shape == (13, 13)
+    assert idx[0, 0] == n - 1 and (idx[0, 1:] == n - 3).all() and (idx[1:, 0] == n - 2).all()
+    # patch (i, j) to patch (k, l): offset (i - k, j - l) shifted to be >= 0, rows of width 2 G_w - 1
+    for a in range(12):
+        for b in range(12):
+            (i, j), (k, m) = divmod(a, 4), divmod(b, 4)
+            assert idx[1 + a, 1 + b] == (i - k + 2) * 7 + (j - m + 3)
+    assert idx[1:, 1:].unique().numel() == n - 3  # every patch offset has its own entry
+    with torch.no_grad():
+        rpb.relative_position_bias_table.copy_(torch.randn(n, 2))
+    out = rpb()
+    assert out.shape == (2, 13, 13)
+    torch.testing.assert_close(out[1, 4, 7], rpb.relative_position_bias_table[idx[4, 7], 1])

@@ -5,7 +5,16 @@ from .discriminator import NLayerDiscriminator
 from .gumbel_quantizer import GumbelQuantizer
 from .quantizer import VectorQuantizer
 from .regularized_quantizer import RegularizedQuantizer
-from .vit import Attention, Block, DropPath, LayerScale, Mlp, PatchEmbed, get_2d_sincos_pos_embed
+from .vit import (
+    Attention,
+    Block,
+    DropPath,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    RelativePositionBias,
+    get_2d_sincos_pos_embed,
+)
 
 __all__ = [
     "Attention",
@@ -17,6 +26,7 @@ __all__ = [
     "NLayerDiscriminator",
     "PatchEmbed",
     "RegularizedQuantizer",
+    "RelativePositionBias",
     "VectorQuantizer",
     "attention",
     "attention_backend",

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
@@ -23,6 +24,7 @@ __all__ = [
     "LayerScale",
     "Mlp",
     "PatchEmbed",
+    "RelativePositionBias",
     "drop_path",
     "get_1d_sincos_pos_embed",
     "get_2d_sincos_pos_embed",
@@ -210,7 +212,8 @@ class Attention(nn.Module):
     Args:
         dim: model width D (divisible by ``num_heads``).
         num_heads: H; head dim d = D / H.
-        qkv_bias: bias on the qkv projection.
+        qkv_bias: bias on the qkv projection: True (one ``qkv.bias`` of 3D, timm / MAE), False (none), or ``"qv"``
+            (BEiT / CAE: learned ``q_bias`` and ``v_bias`` of D each, no key bias; ``qkv`` itself has no bias).
         qk_scale: logit scale override (timm 0.3.2); None = d ** -0.5.
         attn_drop: dropout on the attention weights (training only).
         proj_drop: dropout after the output projection.
@@ -223,13 +226,15 @@ class Attention(nn.Module):
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = False,
+        qkv_bias: bool | str = False,
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         backend: str | None = None,
     ):
         super().__init__()
+        if qkv_bias not in (True, False, "qv"):
+            raise ValueError(f"qkv_bias: expected True, False or 'qv', got {qkv_bias!r}")
         if not (isinstance(num_heads, int) and num_heads >= 1):
             raise ValueError(f"num_heads: expected an int >= 1, got {num_heads!r}")
         if not (isinstance(dim, int) and dim >= 1 and dim % num_heads == 0):
@@ -239,7 +244,12 @@ class Attention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.scale = qk_scale or self.head_dim**-0.5
         self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias is True)
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -249,7 +259,11 @@ class Attention(nn.Module):
             raise ValueError(f"x: expected (B, L, {self.dim}), got shape {tuple(x.shape)}")
         b, n, c = x.shape
         # (B, L, 3, H, d) -> 3 x (B, H, L, d) strided views; flash/xformers transpose them back without a copy
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:  # BEiT's (q_bias, 0, v_bias): the key bias cancels in the softmax
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         p = self.attn_drop.p if self.training else 0.0
         out = attention(q, k, v, backend=self.backend, dropout_p=p, scale=self.scale, attn_bias=attn_bias)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
@@ -273,7 +287,7 @@ class Block(nn.Module):
         dim: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
+        qkv_bias: bool | str = True,
         *,
         qk_scale: float | None = None,
         drop: float = 0.0,
@@ -302,6 +316,51 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_bias)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's learned relative position bias over a ``[cls ; G_h x G_w patches]`` sequence, one table per head.
+
+    Table: ``((2 G_h - 1) (2 G_w - 1) + 3, H)`` (zero init as BEiT), one entry per patch-to-patch offset plus three
+    for cls-to-patch, patch-to-cls and cls-to-cls. ``relative_position_index`` ((L+1, L+1) int64 buffer, BEiT's
+    layout) picks the entry of each pair. BEiT shares one module across all blocks (``use_shared_rel_pos_bias``).
+
+    Shapes: ``forward() -> (H, L + 1, L + 1)`` (add a batch dim to use it as an ``attn_bias``).
+    """
+
+    def __init__(self, window_size, num_heads: int):
+        super().__init__()
+        gh, gw = _pair(window_size)
+        if not (isinstance(num_heads, int) and num_heads >= 1):
+            raise ValueError(f"num_heads: expected an int >= 1, got {num_heads!r}")
+        self.window_size, self.num_heads = (gh, gw), num_heads
+        self.num_relative_distance = (2 * gh - 1) * (2 * gw - 1) + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
+        self.register_buffer("relative_position_index", self.build_index(gh, gw), persistent=True)
+
+    @staticmethod
+    def build_index(gh: int, gw: int) -> torch.Tensor:
+        """BEiT's index: ``(dy + G_h - 1) (2 G_w - 1) + (dx + G_w - 1)`` for patch pairs; the last three table rows
+        are cls-to-patch (row 0), patch-to-cls (column 0) and cls-to-cls."""
+        n = (2 * gh - 1) * (2 * gw - 1) + 3
+        row, col = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        coords = torch.stack((row.flatten(), col.flatten()))  # (2, L)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (L, L, 2)
+        idx = (rel[..., 0] + gh - 1) * (2 * gw - 1) + (rel[..., 1] + gw - 1)
+        out = torch.zeros(gh * gw + 1, gh * gw + 1, dtype=torch.long)
+        out[1:, 1:] = idx
+        out[0, :] = n - 3
+        out[:, 0] = n - 2
+        out[0, 0] = n - 1
+        return out
+
+    def forward(self) -> torch.Tensor:
+        n = self.relative_position_index.shape[0]
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        return bias.reshape(n, n, self.num_heads).permute(2, 0, 1).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"window_size={self.window_size}, num_heads={self.num_heads}"
 
 
 # ---------------------------------------------------------------------------------------------------- init
