@@ -5,7 +5,8 @@
 #   bash bench/gpu/run.sh core      call 1, nothing carried: the ceilings (HBM copy, bf16 matmul) measured first and
 #                                   used for every floor ratio, then every kernel and model-step suite of bench/ at
 #                                   PERF.md's shapes, the must-shows first (codebook search and Gumbel at 65536 x 8192,
-#                                   gather / restore TB/s, the MAE ViT-B/16 step), `pytest -m gpu` plus the kernel test
+#                                   gather / restore TB/s, the MAE ViT-B/16 step, linear + CE at 55% of peak, the BEiT
+#                                   and CAE ViT-B/16 steps vs their eager twins), `pytest -m gpu` plus the kernel test
 #                                   files on the GPU, then the remaining suites and the torch.compile providers as time
 #                                   allows (BUDGET_S, default 420 s for the whole command)
 #   bash bench/gpu/run.sh stash     calls 2-3: keep the .gpu/site.tar.xz.part* this call carried (outside the tree)
@@ -111,9 +112,12 @@ core() {
   bench gumbel_65536x8192 100 bench/test_gumbel.py -k "65536x8192 and not compile"
   bench masking 120 bench/test_masking.py -k "mimfast or mae_ref"
   bench mae_step 150 bench/test_mae_step.py -k "not compile"
+  bench cross_entropy 120 bench/test_cross_entropy.py -k "not compile"
+  bench beit_cae_step 150 bench/test_beit_step.py bench/test_cae_step.py -k "not compile"
   gpu_tests 150 tests/ -m gpu
   gpu_tests 150 tests/test_vq_search.py tests/test_quantize.py tests/test_token_gather.py tests/test_mask_generators.py \
-    tests/test_gumbel.py tests/test_gumbel_quantizers.py -x
+    tests/test_gumbel.py tests/test_gumbel_quantizers.py tests/test_cross_entropy.py tests/test_beit.py \
+    tests/test_cae.py -x
   # every other suite, most informative first, then the slow torch.compile providers
   bench attention 90 bench/test_attention.py
   bench vq_rest 120 bench/test_vq.py -k "not 65536x8192 and not compile"
@@ -121,6 +125,8 @@ core() {
   bench block_masking 60 bench/test_block_masking.py
   bench masking_rest 60 bench/test_masking.py -k "not (mimfast or mae_ref) and not compile"
   bench mae_step_compile 200 bench/test_mae_step.py -k compile
+  bench cross_entropy_compile 90 bench/test_cross_entropy.py -k compile
+  bench beit_cae_step_compile 200 bench/test_beit_step.py bench/test_cae_step.py -k compile
   bench kernels_compile 120 bench/test_vq.py bench/test_masking.py bench/test_gumbel.py -k compile
   summary
 }

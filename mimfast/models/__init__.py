@@ -1,7 +1,21 @@
 """mimfast.models: MIM models built on mimfast.layers / mimfast.ops, and the name registry."""
 
+from .beit import BEiT, BEiTConfig
+from .cae import CAE, CAEConfig
 from .mae import MAEConfig, MaskedAutoencoderViT
 from .registry import create_model, list_models, register_model
 from .vqgan import VQGAN, VQGANConfig
 
-__all__ = ["VQGAN", "MAEConfig", "MaskedAutoencoderViT", "VQGANConfig", "create_model", "list_models", "register_model"]
+__all__ = [
+    "BEiT",
+    "CAE",
+    "BEiTConfig",
+    "VQGAN",
+    "CAEConfig",
+    "MAEConfig",
+    "MaskedAutoencoderViT",
+    "VQGANConfig",
+    "create_model",
+    "list_models",
+    "register_model",
+]

@@ -384,7 +384,7 @@ def _tokenizer_debug(name: str, quantizer: str, epochs: int, **loss) -> RunConfi
             name="vqgan_f4_k128_debug",
             overrides={"quantizer": quantizer},
             loss={"disc_start": steps // 2, "disc_ndf": 32, "disc_layers": 2, **loss},
-        ),  # fmt: skip
+        ),
         data=DataConfig(root="builtin", img_size=32, num_threads=1),
         optim=OptimConfig(blr=0.04, betas=(0.5, 0.9), weight_decay=0.0, warmup_epochs=0.5, min_lr=1e-4),
         train=TrainConfig(
@@ -414,8 +414,92 @@ def _vqgan_f16_imagenet() -> RunConfig:
         optim=OptimConfig(blr=4.5e-6 * 256, betas=(0.5, 0.9), weight_decay=0.0, warmup_epochs=0.0, min_lr=4.5e-6 * 96),
         train=TrainConfig(
             epochs=40, batch_size=12, precision="bf16", out_dir="runs/vqgan_f16_imagenet", ckpt_every=5000, log_every=50
-        ),  # fmt: skip
+        ),
         preset="vqgan_f16_imagenet",
+    )
+
+
+def _token_preset(name: str, model: str, batch_size: int) -> RunConfig:
+    # BEiT (unilm/beit README, ImageNet-1k: 16 x 128 = 2048 images, lr 1.5e-3 not scaled by the batch, 10 warm-up
+    # epochs of 800, clip 3.0, drop path 0.1, LayerScale 0.1, min lr 1e-5, wd 0.05, AdamW betas (0.9, 0.98) as
+    # SPEC.md gives them) and CAE (Atten4Vis/CAE scripts/cae_base_800e.sh: 32 x 64 = 2048, lr 1.5e-3, 20 warm-up
+    # epochs of 800, the same clip / drop path / LayerScale, betas left at AdamW's (0.9, 0.999)). Both crop
+    # RandomResizedCrop(224, 0.08-1, bicubic) + flip with a 112 px Lanczos second view of the same crop for the
+    # tokenizer; BEiT's 0.4 colour jitter is not applied (CAE's script sets it to 0). The tokenizer is mimfast's
+    # 8192-code f8 tokenizer (vqgan_f8_k8192, 112 px -> 14 x 14) from `mimfast pretrain --config regvq_f8_imagenet`.
+    # The per-GPU batch is an estimate for 80 GB GPUs in bf16, not measured here.
+    cae = model.startswith("cae")
+    return RunConfig(
+        model=ModelConfig(name=model, loss={"tokenizer": "runs/regvq_f8_imagenet"}),
+        data=DataConfig(root="/data/imagenet", img_size=224, tokenizer_size=112, scale=(0.08, 1.0)),
+        optim=OptimConfig(
+            lr=1.5e-3,
+            betas=(0.9, 0.999) if cae else (0.9, 0.98),
+            weight_decay=0.05,
+            warmup_epochs=20.0 if cae else 10.0,
+            min_lr=1e-5,
+            clip_grad=3.0,
+        ),
+        train=TrainConfig(
+            epochs=800,
+            batch_size=batch_size,
+            global_batch_size=2048,
+            precision="bf16",
+            out_dir=f"runs/{name}",
+            ckpt_every=1000,
+            log_every=20,
+        ),
+        preset=name,
+    )
+
+
+def _token_debug(name: str, model: str, epochs: int) -> RunConfig:
+    # The CPU-sized BEiT / CAE of the BEiT/CAE issue on the built-in dataset: 32 px crops, 8 x 8 patches, targets from
+    # the 128-code debug tokenizer of `mimfast pretrain --config regvq_debug` (train it first; it sees the same 32 px
+    # view), deterministic so that resume is bit-exact. Measured figures: README.
+    return RunConfig(
+        model=ModelConfig(name=model, overrides={"drop_path_rate": 0.0}, loss={"tokenizer": "runs/regvq_debug"}),
+        data=DataConfig(root="builtin", img_size=32, tokenizer_size=32, num_threads=1),
+        optim=OptimConfig(lr=2e-3, betas=(0.9, 0.98), weight_decay=0.05, warmup_epochs=0.5, min_lr=1e-5, clip_grad=3.0),
+        train=TrainConfig(
+            epochs=epochs,
+            batch_size=32,
+            precision="fp32",
+            out_dir=f"runs/{name}",
+            ckpt_every=124,
+            keep_last=2,
+            log_every=31,
+            tensorboard=False,
+            num_threads=1,
+            deterministic=True,
+        ),
+        preset=name,
+    )
+
+
+def _regvq_f8_imagenet() -> RunConfig:
+    # The 8192-code tokenizer BEiT / CAE use by default: Regularized VQ on vqgan_f8_k8192 (112 px -> 14 x 14, the
+    # token grid of a ViT-B/16 at 224), trained on the 112 px view as taming trains its VQGANs (Adam (0.5, 0.9),
+    # disc_weight 0.8); PCL on the tokenizer's own detached features. Epochs, batch and disc_start are estimates,
+    # not measured here.
+    return RunConfig(
+        model=ModelConfig(
+            name="vqgan_f8_k8192",
+            overrides={"quantizer": "regvq"},
+            loss={
+                "disc_start": 100000,
+                "disc_weight": 0.8,
+                "perceptual": "self",
+                "contrastive": "pcl",
+                "contrastive_weight": 0.1,
+            },
+        ),
+        data=DataConfig(root="/data/imagenet", img_size=112, scale=(0.08, 1.0), interp="lanczos"),
+        optim=OptimConfig(blr=4.5e-6 * 256, betas=(0.5, 0.9), weight_decay=0.0, warmup_epochs=0.0, min_lr=4.5e-6 * 96),
+        train=TrainConfig(
+            epochs=20, batch_size=64, precision="bf16", out_dir="runs/regvq_f8_imagenet", ckpt_every=5000, log_every=50
+        ),
+        preset="regvq_f8_imagenet",
     )
 
 
@@ -429,10 +513,16 @@ PRESETS = {
     # (detached) encoder features, weighted by w_i = ||z_sampled - z_best||^2
     "regvq_debug": lambda: _tokenizer_debug(
         "regvq_debug", "regvq", 8, perceptual="self", perceptual_weight=0.0, contrastive="pcl", contrastive_weight=0.1
-    ),  # fmt: skip
+    ),
     # taming's Gumbel VQGAN: temperature 0.9 annealed by a cosine to 1e-6, here over the whole (short) run
     "gumbel_debug": lambda: _tokenizer_debug("gumbel_debug", "gumbel", 8, tau_decay_steps=8 * 62),
     "vqgan_f16_imagenet": _vqgan_f16_imagenet,
+    "regvq_f8_imagenet": _regvq_f8_imagenet,
+    "beit_vit_base": lambda: _token_preset("beit_vit_base", "beit_base_patch16_224", 128),
+    "beit_vit_large": lambda: _token_preset("beit_vit_large", "beit_large_patch16_224", 64),
+    "cae_vit_base": lambda: _token_preset("cae_vit_base", "cae_base_patch16_224", 128),
+    "beit_debug": lambda: _token_debug("beit_debug", "beit_tiny_patch4_debug", 20),
+    "cae_debug": lambda: _token_debug("cae_debug", "cae_tiny_patch4_debug", 20),
 }
 
 

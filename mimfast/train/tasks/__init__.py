@@ -150,4 +150,5 @@ def task_for(model: nn.Module, cfg: RunConfig | None = None) -> Task:
 
 
 from . import mae as _mae  # noqa: E402, F401  (registers the built-in tasks)
+from . import token_prediction as _token_prediction  # noqa: E402, F401
 from . import tokenizer as _tokenizer  # noqa: E402, F401
