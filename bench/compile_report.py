@@ -4,10 +4,10 @@
     python bench/compile_report.py --check      # exits 1 when a gate rule fails (CI: tests/test_compile_gate.py)
     python bench/compile_report.py --json rows.json --out /tmp/report.md --only vq_search --grep "D=256"
 
-How: every launcher (vq_search, token gather/restore and its backward, block masks, Gumbel-softmax fwd / bwd) is
-called on ``meta`` tensors at PERF.md's benchmark shapes and at awkward test shapes, with its kernels swapped for
-recorders, so the launches (kernel, grid, arguments, constexprs, num_warps / num_stages) are exactly what the
-launcher would make on the GPU.
+How: every launcher (vq_search, token gather/restore and its backward, block masks, Gumbel-softmax fwd / bwd, the
+linear + cross-entropy chunk loop's row kernels) is called on ``meta`` tensors at PERF.md's benchmark shapes and at
+awkward test shapes, with its kernels swapped for recorders, so the launches (kernel, grid, arguments, constexprs,
+num_warps / num_stages) are exactly what the launcher would make on the GPU.
 For an autotuned kernel every candidate its pruning keeps is recorded. Each distinct specialization is compiled
 with ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), ...)`` (the
 signature and divisibility attributes follow triton's own JIT rules), then the wheel's ptxas is run with ``-v`` on the
@@ -64,6 +64,7 @@ KERNEL_MODULES = (
     "mimfast.kernels.token_gather",
     "mimfast.kernels.block_mask",
     "mimfast.kernels.gumbel_softmax",
+    "mimfast.kernels.linear_cross_entropy",
 )
 
 
@@ -519,7 +520,36 @@ def _gumbel_cases() -> list[Case]:
     return cases
 
 
-PLANS = {"vq_search": _vq_cases, "tokens": _token_cases, "block_mask": _mask_cases, "gumbel_softmax": _gumbel_cases}
+def _lce_cases() -> list[Case]:
+    """The linear + cross-entropy chunk loop at PERF.md's shapes (M, D, V) = (9600 / 19600 / 32768, 768, 8192),
+    (32768, 1024, 16384) and MAGE's slice (32768, 768, 2025 scoring 1024) in bf16: the forward with the gradient
+    written in place ('mean' / 'sum' training), the forward without it (evaluation), and the recomputing backward
+    ('none'). Every chunk's launch is recorded (the last chunk may be shorter); awkward test shapes are reported."""
+    lce = importlib.import_module("mimfast.kernels.linear_cross_entropy")
+    bf16 = torch.bfloat16
+    modes = {"fwd + grad (mean)": ("mean", True, None), "fwd (no grad)": ("mean", False, None),
+             "bwd recompute (none)": ("none", True, "bwd")}  # fmt: skip
+    shapes = [((9600, 768, 8192, 8192), True), ((19600, 768, 8192, 8192), True), ((32768, 768, 8192, 8192), True),
+              ((32768, 1024, 16384, 16384), True), ((32768, 768, 2025, 1024), True), ((97, 40, 1000, 1000), False),
+              ((1025, 40, 8193, 8193), False), ((1, 3, 1, 1), False)]  # fmt: skip
+    cases = []
+    for (m, d, v, vp), bench in shapes:
+        for dt in (bf16, torch.float32) if not bench else (bf16,):
+            for mode, (reduction, grads, bwd) in modes.items():
+
+                def run(m=m, d=d, v=v, vp=vp, dt=dt, reduction=reduction, grads=grads, bwd=bwd):
+                    h, w, t, b = _meta((m, d), dt), _meta((v, d), dt), _meta((m,), torch.int64), _meta((v,), dt)
+                    g = _meta((m,), torch.float32) if bwd else None
+                    lse = _meta((m,), torch.float32) if bwd else None
+                    lce._chunk_loop(h, w, t, b, -100, 0.1, reduction, vp, grads, grads, grads, g, lse, lce._rows_triton)
+
+                vtxt = f"V={v}" + (f" V'={vp}" if vp != v else "")
+                cases.append(Case("linear_cross_entropy", f"{mode} D={d} {vtxt} {str(dt)[6:]}", f"M={m}", bench, run))
+    return cases
+
+
+PLANS = {"vq_search": _vq_cases, "tokens": _token_cases, "block_mask": _mask_cases, "gumbel_softmax": _gumbel_cases,
+         "linear_cross_entropy": _lce_cases}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ driver

@@ -293,3 +293,63 @@ def gumbel_plan(n: int, k: int, target: LaunchTarget, interpret: bool = False) -
         block_n //= 2
     num_warps = max(1, min(16, block_n * block_k // 512))
     return dict(SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+
+
+LCE_MEM_FRACTION = 0.05  # PERF.md: extra memory < 5% of the M x V' fp32 logits
+LCE_ACC32_FRACTION = 0.045  # the planned total when an fp32 grad-weight accumulator is kept (headroom to 5%)
+LCE_CHUNK_FRACTION = 0.035  # the share of that budget the logits chunk may take (the rest: stats, cuBLAS, bias sums)
+LCE_SMALL_BYTES = 4 << 20  # below this much extra memory the fraction does not bind (small problems, tests)
+LCE_MAX_CHUNK_BYTES = 16 << 20  # a chunk stays L2-resident between the GEMM that writes it and the CE kernel
+LCE_ROW_ALIGN = 128  # chunk rows are a multiple of a GEMM tile's rows
+LCE_ACC32_MIN_ROWS = 512  # the fp32 grad-weight accumulator may shrink chunks down to this many rows, no further
+LCE_MAX_SINGLE_V = 8192  # a row of up to this many (padded) classes is one register tile
+LCE_TILE_V = 4096  # classes per tile of a longer row (online max / sum, then a second pass for the gradient)
+
+
+def linear_cross_entropy_plan(m: int, d: int, v: int, elem: int, acc32_wanted: bool, interpret: bool = False) -> dict:
+    """Chunk and launch plan of the fused linear + cross-entropy (shape dims only).
+
+    Memory: the op never holds more than one ``chunk_rows x V'`` logits chunk (input dtype, overwritten in place with
+    d loss / d logits), O(M) fp32 row statistics and, when ``acc32``, a ``V' x D`` fp32 grad-weight accumulator.
+
+    * ``chunk_rows``: at most the largest multiple of 128 rows whose chunk takes at most 3.5% of the M x V' fp32
+      logits (``LCE_CHUNK_FRACTION``; at least 4 MiB is always allowed, so small problems are one chunk) and at
+      most 16 MiB (it stays in L2 between the GEMM that writes it and the kernel that reads it), at least 128; then
+      M is split into that many chunks of equal height (a multiple of 8 rows): no short last chunk.
+    * ``acc32``: grad weight accumulates over the chunks in fp32 when ``acc32_wanted`` (bf16 / fp16 weights that need
+      a gradient) and the accumulator plus the chunk stay within 4.5% of the M x V' fp32 logits (PERF.md's 5% target,
+      ``LCE_MEM_FRACTION``, less headroom), shrinking the chunk down to 512 rows if that makes it fit. Otherwise each
+      chunk's ``G^T @ h`` is added into the grad-weight output by cuBLAS (fp32 inside one chunk's GEMM, one rounding
+      to the weight dtype per chunk).
+    * ``extra_bytes``: the planned extra memory (chunk + accumulator + 3 fp32 values per row + fp32 bias sums).
+    * Kernel tiles: rows of up to 8192 (padded) classes are one register tile (``SINGLE``: one read of the chunk, one
+      write of the gradient); longer rows take 4096-class tiles twice. ``BLOCK_M`` rows per program keep about 2048
+      elements per program (32768 in the interpreter, whose cost is per program); ``num_warps`` gives 16 elements per
+      thread.
+    """
+    v, m = max(1, v), max(1, m)
+    logits32 = m * v * 4
+    row_bytes = v * elem
+
+    def rows_for(nbytes: float) -> int:
+        return int(nbytes // row_bytes) // LCE_ROW_ALIGN * LCE_ROW_ALIGN
+
+    chunk_cap = min(max(LCE_CHUNK_FRACTION * logits32, LCE_SMALL_BYTES), LCE_MAX_CHUNK_BYTES)
+    rows = max(LCE_ROW_ALIGN, rows_for(chunk_cap))
+    acc32 = False
+    if acc32_wanted:
+        room = max(LCE_ACC32_FRACTION * logits32, LCE_SMALL_BYTES) - v * d * 4 - 12 * m - 4 * v
+        fit = min(rows, rows_for(room)) if room > 0 else 0
+        if fit >= min(LCE_ACC32_MIN_ROWS, rows, -(-m // LCE_ROW_ALIGN) * LCE_ROW_ALIGN):
+            acc32, rows = True, max(LCE_ROW_ALIGN, fit)
+    chunks = -(-m // rows)
+    rows = min(m, (-(-m // chunks) + 7) // 8 * 8)  # balanced chunks (no short tail), a multiple of 8 rows, <= the cap
+    v_pad = next_pow2(v)
+    single = v_pad <= LCE_MAX_SINGLE_V
+    block_v = v_pad if single else LCE_TILE_V
+    elems = 32768 if interpret else 2048
+    block_m = max(1, min(elems // block_v, next_pow2(rows)))
+    num_warps = max(1, min(16, block_m * block_v // 512))
+    extra = rows * row_bytes + (v * d * 4 if acc32 else 0) + 12 * m + 4 * v
+    return dict(chunk_rows=rows, acc32=acc32, extra_bytes=extra, SINGLE=single, BLOCK_M=block_m, BLOCK_V=block_v,
+                num_warps=num_warps)  # fmt: skip

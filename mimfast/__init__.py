@@ -13,6 +13,7 @@ Public API::
     y = mimfast.restore_tokens(x, m.ids_restore, mask_token)       # decoder order, mask tokens filled
     mae = mimfast.create_model("mae_vit_base_patch16_dec512d8b")   # loss, pred, mask = mae(images)
     crit = mimfast.VQGANLoss(feature_extractor=net)                # tokenizer losses (mimfast.losses)
+    loss = mimfast.linear_cross_entropy(h, head.weight, targets)    # fused head + CE, no M x V logits
 """
 
 from . import losses
@@ -27,6 +28,7 @@ from .ops import (
     gather_tokens,
     gumbel_quantize,
     gumbel_softmax,
+    linear_cross_entropy,
     mage_masking,
     quantize,
     quantize_with_info,
@@ -52,6 +54,7 @@ __all__ = [
     "gather_tokens",
     "gumbel_quantize",
     "gumbel_softmax",
+    "linear_cross_entropy",
     "list_models",
     "losses",
     "mage_masking",

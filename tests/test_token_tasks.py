@@ -64,8 +64,9 @@ def test_token_prediction_trains_and_resumes_exactly(tmp_path, monkeypatch, toke
     rows, losses = _losses(straight)
     assert len(losses) == 40 and all(x == x for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.9 * first, (first, last)  # CE over 128 codes starts near ln(128) = 4.85
-    assert 3.0 < first < 6.0
+    assert last < 0.9 * first, (first, last)
+    ce = [r.get("loss_ce", r["loss"]) for r in rows[:5]]
+    assert 3.0 < sum(ce) / 5 < 5.5, ce  # CE over 128 codes starts near ln(128) = 4.85
     if preset == "cae_debug":
         assert {"loss_ce", "loss_align"} <= set(rows[-1])
     resumed = tmp_path / "resumed"

@@ -1,5 +1,6 @@
 """mimfast.ops: the public functional API over mimfast.kernels."""
 
+from .cross_entropy import linear_cross_entropy
 from .gumbel import GUMBEL_NAN_POLICIES, draw_philox, gumbel_quantize, gumbel_softmax
 from .masking import (
     MageMask,
@@ -27,6 +28,7 @@ __all__ = [
     "gumbel_quantize",
     "gumbel_softmax",
     "inverse_index",
+    "linear_cross_entropy",
     "mage_masking",
     "quantize",
     "quantize_with_info",
