@@ -136,7 +136,7 @@ def test_overrides_coerce_to_the_field_types():
         ("train.precision=fp8", r"expected one of bf16, fp16, fp32"),
         ("train.batch_size=0", r"train\.batch_size: expected an int >= 1, got 0"),
         ("model.mask_ratio=1.0", r"model\.mask_ratio: expected a float in \[0, 1\)"),
-        ("model.name=vit_b", r"model\.name: expected a registered model name \(mae_vit_base"),
+        ("model.name=vit_b", r"model\.name: expected a registered model name \(beit_base_patch16_224, .*mae_vit_base"),
         ("optim.betas=0.9", r"optim\.betas.*expected 2 comma-separated values"),
         ("optim.betas=0.9,1.5", r"optim\.betas: expected two floats in \[0, 1\)"),
         ("train.global_batch_size=100", r"train\.global_batch_size: expected a multiple of train\.batch_size=32"),
