@@ -3,6 +3,7 @@
 from .beit import BEiT, BEiTConfig
 from .cae import CAE, CAEConfig
 from .mae import MAEConfig, MaskedAutoencoderViT
+from .mage_vqgan import MAGEVQGAN, MAGEVQGANConfig
 from .registry import create_model, list_models, register_model
 from .vqgan import VQGAN, VQGANConfig
 
@@ -12,6 +13,8 @@ __all__ = [
     "BEiTConfig",
     "VQGAN",
     "CAEConfig",
+    "MAGEVQGAN",
+    "MAGEVQGANConfig",
     "MAEConfig",
     "MaskedAutoencoderViT",
     "VQGANConfig",

@@ -503,6 +503,41 @@ def _regvq_f8_imagenet() -> RunConfig:
     )
 
 
+def _mage_preset(name: str, model: str, batch_size: int) -> RunConfig:
+    # MAGE's recipe (LTH14/mage README + main_pretrain.py): 1600 epochs, 40 warm-up, batch 4096 (64 x 64 GPUs), blr
+    # 1.5e-4 scaled by batch / 256, AdamW (0.9, 0.95), wd 0.05, grad clip 3.0, RandomResizedCrop(256, 0.2-1, bicubic) +
+    # flip; the mask-ratio distribution (truncated normal 0.55 / 0.25 on [0.5, 1]) and label smoothing 0.1 are in the
+    # model config. The tokenizer is mimfast's f16 1024-code VQGAN (`mimfast pretrain --config vqgan_f16_imagenet`);
+    # `model.loss.tokenizer=mage_vqgan:/path/vqgan_jax_strongaug.ckpt` uses MAGE's released one. The per-GPU batch is an
+    # estimate for 80 GB GPUs in bf16, not measured here.
+    return RunConfig(
+        model=ModelConfig(name=model, loss={"tokenizer": "runs/vqgan_f16_imagenet"}),
+        data=DataConfig(root="/data/imagenet", img_size=256, scale=(0.2, 1.0)),
+        optim=OptimConfig(blr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, warmup_epochs=40.0, clip_grad=3.0),
+        train=TrainConfig(
+            epochs=1600,
+            batch_size=batch_size,
+            global_batch_size=4096,
+            precision="bf16",
+            out_dir=f"runs/{name}",
+            ckpt_every=1000,
+            log_every=20,
+        ),
+        preset=name,
+    )
+
+
+def _mage_debug() -> RunConfig:
+    # The CPU-sized MAGE of the MAGE issue: 32 px images tokenized by the 128-code debug tokenizer of `mimfast
+    # pretrain --config regvq_debug` (8 x 8 tokens), deterministic. Measured figures: README.
+    cfg = _token_debug("mage_debug", "mage_tiny_patch4_debug", 20)
+    cfg.model.overrides = {}
+    cfg.data.tokenizer_size = None
+    cfg.optim = OptimConfig(blr=0.04, betas=(0.9, 0.95), weight_decay=0.05, warmup_epochs=0.5, min_lr=1e-5,
+                            clip_grad=3.0)  # fmt: skip
+    return cfg
+
+
 PRESETS = {
     "mae_vit_base": lambda: _mae_preset("mae_vit_base", "mae_vit_base_patch16_dec512d8b", 256),
     "mae_vit_large": lambda: _mae_preset("mae_vit_large", "mae_vit_large_patch16_dec512d8b", 128),
@@ -523,6 +558,9 @@ PRESETS = {
     "cae_vit_base": lambda: _token_preset("cae_vit_base", "cae_base_patch16_224", 128),
     "beit_debug": lambda: _token_debug("beit_debug", "beit_tiny_patch4_debug", 20),
     "cae_debug": lambda: _token_debug("cae_debug", "cae_tiny_patch4_debug", 20),
+    "mage_vit_base": lambda: _mage_preset("mage_vit_base", "mage_vit_base_patch16", 64),
+    "mage_vit_large": lambda: _mage_preset("mage_vit_large", "mage_vit_large_patch16", 64),
+    "mage_debug": _mage_debug,
 }
 
 

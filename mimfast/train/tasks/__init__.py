@@ -150,5 +150,6 @@ def task_for(model: nn.Module, cfg: RunConfig | None = None) -> Task:
 
 
 from . import mae as _mae  # noqa: E402, F401  (registers the built-in tasks)
+from . import mage as _mage  # noqa: E402, F401
 from . import token_prediction as _token_prediction  # noqa: E402, F401
 from . import tokenizer as _tokenizer  # noqa: E402, F401

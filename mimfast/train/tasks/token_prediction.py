@@ -11,6 +11,8 @@ The tokenizer is ``model.loss.tokenizer``:
 * a ``mimfast pretrain`` tokenizer run (a run directory or a ``ckpt_*.pt`` file; mimfast's own tokenizers,
   ``mimfast pretrain --config regvq_debug`` for the debug presets); its images are renormalised from this run's
   ``data.mean / std`` to the tokenizer run's, so the two may differ;
+* ``mage_vqgan:<path>``: MAGE's released VQGAN checkpoint (:func:`mimfast.models.mage_vqgan.load_mage_vqgan`, its
+  input range adapted to this run's ``data.mean / std``);
 * or ``pkg.module:factory``, a callable returning a module with ``encode(images (B, 3, t, t)) -> ids (B, G, G) or
   (B, G * G)`` on this run's normalised images, and a ``codebook_size`` (or ``vocab_size``) attribute (e.g. a wrapper
   of DALL-E's tokenizer with weights you have locally; nothing is downloaded).
@@ -32,7 +34,7 @@ from ...ops.masking import block_masking
 from ..distributed import unwrap
 from . import Task, register_task
 
-__all__ = ["BEiTTask", "CAETask", "TokenTargets", "load_tokenizer"]
+__all__ = ["BEiTTask", "CAETask", "TokenTargets", "check_token_grid", "load_tokenizer", "tokenizer_ids", "vocab_size"]
 
 
 @dataclass
@@ -78,6 +80,17 @@ def load_tokenizer(spec: str, data_cfg) -> nn.Module:
             "directory / ckpt_*.pt file, or at pkg.module:factory")  # fmt: skip
     if not spec:
         raise ValueError(f"{key} is not set: the token targets need a tokenizer; {hint}")
+    if spec.startswith("mage_vqgan:"):
+        from ...models.mage_vqgan import load_mage_vqgan
+
+        path = spec.partition(":")[2]
+        if not os.path.isfile(path):
+            raise ValueError(f"{key}={spec!r}: no such checkpoint file {path!r} (MAGE's released VQGAN, e.g. "
+                             "vqgan_jax_strongaug.ckpt; nothing is downloaded)")  # fmt: skip
+        try:
+            return load_mage_vqgan(path, input_mean=data_cfg.mean, input_std=data_cfg.std)
+        except (KeyError, ValueError, RuntimeError, OSError) as e:
+            raise ValueError(f"{key}={spec!r}: cannot load it as MAGE's VQGAN ({e})") from None
     if ":" in spec and not os.path.exists(spec):
         mod, _, attr = spec.partition(":")
         try:
@@ -109,9 +122,35 @@ def load_tokenizer(spec: str, data_cfg) -> nn.Module:
     return _Renormalize(model, data_cfg.mean, data_cfg.std, d.mean, d.std).eval()
 
 
-def _vocab(tok) -> int:
+def vocab_size(tok) -> int:
+    """The number of codes of a tokenizer (its ``codebook_size``, else ``vocab_size``)."""
     v = getattr(tok, "codebook_size", None)
     return int(v if v is not None else tok.vocab_size)
+
+
+def check_token_grid(tok, grid: int, model_name: str, spec: str) -> None:
+    """Raise ValueError when the tokenizer's token grid (if it states one) is not the model's ``grid x grid``."""
+    tok_grid = getattr(tok, "grid_size", None)
+    if tok_grid is not None and tok_grid != grid:
+        raise ValueError(f"{spec} gives {tok_grid}x{tok_grid} tokens but {model_name} has a {grid}x{grid} patch grid")
+
+
+@torch.no_grad()
+def tokenizer_ids(tok, images: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Token ids (B, L) int64 of images (B, 3, t, t), computed in fp32 without autocast on the images' device (the
+    tokenizer module is moved there on first use)."""
+    if isinstance(tok, nn.Module):
+        p = next(iter(tok.parameters()), None)
+        p = next(iter(tok.buffers()), None) if p is None else p
+        if p is not None and p.device != images.device:
+            tok.to(images.device)
+    with torch.autocast(images.device.type, enabled=False):
+        ids = tok.encode(images.float())
+    ids = ids.reshape(ids.shape[0], -1).long()
+    if ids.shape[1] != num_tokens:
+        raise ValueError(f"model.loss.tokenizer: encode gave {ids.shape[1]} tokens per image, the model has "
+                         f"{num_tokens} patches")  # fmt: skip
+    return ids
 
 
 class _TokenPredictionTask(Task):
@@ -123,7 +162,6 @@ class _TokenPredictionTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.tokenizer = None
-        self._tok_device = None
 
     def check_model(self, model):
         from ..config import ConfigError
@@ -135,15 +173,14 @@ class _TokenPredictionTask(Task):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         spec = f"model.loss.tokenizer={self.opts.tokenizer!r}"
-        if _vocab(tok) != c.vocab_size:
-            raise ConfigError(f"{spec} has {_vocab(tok)} codes but {self.cfg.model.name} predicts vocab_size="
+        if vocab_size(tok) != c.vocab_size:
+            raise ConfigError(f"{spec} has {vocab_size(tok)} codes but {self.cfg.model.name} predicts vocab_size="
                               f"{c.vocab_size}: use a tokenizer with {c.vocab_size} codes or set "
-                              f"model.overrides.vocab_size={_vocab(tok)}")  # fmt: skip
-        grid = c.img_size // c.patch_size
-        tok_grid = getattr(tok, "grid_size", None)
-        if tok_grid is not None and tok_grid != grid:
-            raise ConfigError(f"{spec} gives {tok_grid}x{tok_grid} tokens but {self.cfg.model.name} has a "
-                              f"{grid}x{grid} patch grid")  # fmt: skip
+                              f"model.overrides.vocab_size={vocab_size(tok)}")  # fmt: skip
+        try:
+            check_token_grid(tok, c.img_size // c.patch_size, self.cfg.model.name, spec)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         tok_img = getattr(tok, "img_size", None)
         if d.tokenizer_size is None or (tok_img is not None and d.tokenizer_size != tok_img):
             raise ConfigError(f"data.tokenizer_size={d.tokenizer_size} but {spec} takes {tok_img} px images; set "
@@ -153,20 +190,9 @@ class _TokenPredictionTask(Task):
     def flops_per_image(self, model):
         return model.flops_per_image()
 
-    @torch.no_grad()
     def targets(self, small: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Token ids (B, L) int64 of the tokenizer view (B, 3, t, t), computed in fp32 without autocast."""
-        if self._tok_device != small.device:
-            if isinstance(self.tokenizer, nn.Module):
-                self.tokenizer.to(small.device)
-            self._tok_device = small.device
-        with torch.autocast(small.device.type, enabled=False):
-            ids = self.tokenizer.encode(small.float())
-        ids = ids.reshape(ids.shape[0], -1).long()
-        if ids.shape[1] != num_tokens:
-            raise ValueError(f"model.loss.tokenizer: encode gave {ids.shape[1]} tokens per image, the model has "
-                             f"{num_tokens} patches")  # fmt: skip
-        return ids
+        return tokenizer_ids(self.tokenizer, small, num_tokens)
 
     def mask(self, model_cfg, bsz: int, device) -> torch.Tensor:
         """(B, L) bool block-wise mask with the model config's settings (BEiT: may under-fill; CAE: exact)."""
