@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a PNG grid of MAE inputs / masked inputs / reconstructions")  # fmt: skip
     add_reconstruct_arguments(rc)
     rc.set_defaults(func=cmd_reconstruct)
+    from .train.generate import add_generate_arguments, cmd_generate
+
+    gn = sub.add_parser("generate", parents=[common],
+                        help="images from a MAGE run by MaskGIT decoding on the device, as a PNG grid")  # fmt: skip
+    add_generate_arguments(gn)
+    gn.set_defaults(func=cmd_generate)
     p.subcommands = dict(sub.choices)
     return p
 

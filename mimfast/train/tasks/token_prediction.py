@@ -52,7 +52,7 @@ class TokenTargets:
 
 
 class _Renormalize(nn.Module):
-    """A mimfast tokenizer behind a change of input normalisation (run's mean/std -> the tokenizer run's)."""
+    """A mimfast tokenizer behind a change of normalisation (the run's mean/std <-> the tokenizer run's), both ways."""
 
     def __init__(self, tokenizer: nn.Module, run_mean, run_std, tok_mean, tok_std):
         super().__init__()
@@ -67,7 +67,13 @@ class _Renormalize(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, G, G) of images (B, 3, t, t) in the run's normalised space."""
         return self.tokenizer.encode(images * self.a + self.b)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, t, t) in the run's normalised space from token ids (B, G, G)."""
+        return (self.tokenizer.decode(ids).float() - self.b) / self.a
 
 
 def load_tokenizer(spec: str, data_cfg) -> nn.Module:
