@@ -23,6 +23,9 @@ COLUMNS = [
     ("effective_tb_s", "TB/s", "{:.3g}"),
     ("tflops", "TFLOP/s", "{:.3g}"),
     ("floor_ratio", "x floor", "{:.2f}"),
+    ("peak_fraction", "of bf16 peak", "{:.1%}"),
+    ("extra_mem_ratio_logits", "extra mem / logits", "{:.2%}"),
+    ("speedup_vs_official", "x official", "{:.2f}"),
     ("peak_mem_gib", "peak GiB", "{:.1f}"),
     ("index_agreement_fp64", "idx agree", "{:.4f}"),
 ]

@@ -6,7 +6,8 @@
 #                                   used for every floor ratio, then every kernel and model-step suite of bench/ at
 #                                   PERF.md's shapes, the must-shows first (codebook search and Gumbel at 65536 x 8192,
 #                                   gather / restore TB/s, the MAE ViT-B/16 step, linear + CE at 55% of peak, the BEiT
-#                                   and CAE ViT-B/16 steps vs their eager twins), `pytest -m gpu` plus the kernel test
+#                                   and CAE ViT-B/16 steps vs their eager twins, the MAGE step and MaskGIT generation
+#                                   vs the host-noise sampler), `pytest -m gpu` plus the kernel test
 #                                   files on the GPU, then the remaining suites and the torch.compile providers as time
 #                                   allows (BUDGET_S, default 420 s for the whole command)
 #   bash bench/gpu/run.sh stash     calls 2-3: keep the .gpu/site.tar.xz.part* this call carried (outside the tree)
@@ -114,10 +115,12 @@ core() {
   bench mae_step 150 bench/test_mae_step.py -k "not compile"
   bench cross_entropy 120 bench/test_cross_entropy.py -k "not compile"
   bench beit_cae_step 150 bench/test_beit_step.py bench/test_cae_step.py -k "not compile"
+  bench mage_step 90 bench/test_mage_step.py -k "not compile"
+  bench generate 150 bench/test_generate.py
   gpu_tests 150 tests/ -m gpu
   gpu_tests 150 tests/test_vq_search.py tests/test_quantize.py tests/test_token_gather.py tests/test_mask_generators.py \
     tests/test_gumbel.py tests/test_gumbel_quantizers.py tests/test_cross_entropy.py tests/test_beit.py \
-    tests/test_cae.py -x
+    tests/test_cae.py tests/test_mage.py tests/test_maskgit.py -x
   # every other suite, most informative first, then the slow torch.compile providers
   bench attention 90 bench/test_attention.py
   bench vq_rest 120 bench/test_vq.py -k "not 65536x8192 and not compile"
@@ -126,7 +129,7 @@ core() {
   bench masking_rest 60 bench/test_masking.py -k "not (mimfast or mae_ref) and not compile"
   bench mae_step_compile 200 bench/test_mae_step.py -k compile
   bench cross_entropy_compile 90 bench/test_cross_entropy.py -k compile
-  bench beit_cae_step_compile 200 bench/test_beit_step.py bench/test_cae_step.py -k compile
+  bench beit_cae_step_compile 200 bench/test_beit_step.py bench/test_cae_step.py bench/test_mage_step.py -k compile
   bench kernels_compile 120 bench/test_vq.py bench/test_masking.py bench/test_gumbel.py -k compile
   summary
 }
