@@ -3,6 +3,7 @@
 from .beit import BEiT, BEiTConfig
 from .cae import CAE, CAEConfig
 from .mae import MAEConfig, MaskedAutoencoderViT
+from .mage import MAGE, MAGEConfig
 from .mage_vqgan import MAGEVQGAN, MAGEVQGANConfig
 from .registry import create_model, list_models, register_model
 from .vqgan import VQGAN, VQGANConfig
@@ -13,7 +14,9 @@ __all__ = [
     "BEiTConfig",
     "VQGAN",
     "CAEConfig",
+    "MAGE",
     "MAGEVQGAN",
+    "MAGEConfig",
     "MAGEVQGANConfig",
     "MAEConfig",
     "MaskedAutoencoderViT",
