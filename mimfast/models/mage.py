@@ -629,6 +629,52 @@ class MAGE(nn.Module):
             w = self.token_emb.word_embeddings.weight.detach()[:cb]
             return F.linear(h, w, self.mlm_layer.bias.reshape(-1)[:cb]).float()
 
+    @torch.no_grad()
+    def generate(self, num_images: int, steps: int = 12, temperature: float = 4.5, *, class_ids=None,
+                 generator: torch.Generator | None = None, tokenizer=None, batch_size: int | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+        """MaskGIT decoding on the model's device (:func:`mimfast.models.maskgit.maskgit_sample`: SPEC.md's cosine
+        schedule, ``temperature`` = the choice temperature of the Gumbel confidence, seeded by ``generator``).
+
+        Args:
+            num_images: N >= 1. steps: T >= 1 (MAGE: 12; 20 for FID). temperature: >= 0 (MAGE: 4.5; 6.0 for FID).
+            class_ids: None (unconditional), one int, or N ints in [0, num_classes) (class-conditional models).
+            generator: a ``torch.Generator`` of the model's device. tokenizer: decodes the ids to images (default:
+                the tokenizer the MAGE task attached when the run was loaded, if any; ``False``, or None and none
+                attached, returns the ids). batch_size: images per sampling call. autocast_dtype: e.g.
+                torch.bfloat16 on CUDA.
+
+        Returns:
+            images (N, 3, H, W) float32 on the CPU in the tokenizer's (the run's normalised) space, or token ids
+            (N, G, G) int64 on the model's device without a tokenizer. Switches the model to eval mode.
+        """
+        from .maskgit import generate as _generate
+        from .maskgit import maskgit_sample
+
+        self.eval()
+        if tokenizer is None:
+            ref = getattr(self, "_mimfast_tokenizer", None)
+            tokenizer = ref[0] if ref else None
+        if tokenizer is not False and tokenizer is not None and callable(getattr(tokenizer, "decode", None)):
+            return _generate(self, tokenizer, num_images, steps=steps, choice_temperature=temperature,
+                             class_ids=class_ids, batch_size=batch_size, generator=generator,
+                             autocast_dtype=autocast_dtype)  # fmt: skip
+        if isinstance(class_ids, int):
+            class_ids = [class_ids] * num_images
+        device = self.token_emb.word_embeddings.weight.device
+        cls = None if class_ids is None else torch.as_tensor(class_ids, dtype=torch.long, device=device)
+        amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+        def logits_fn(ids, c=None):
+            with amp:
+                return self.predict_logits(ids, c)
+
+        g = self.grid_size
+        ids = maskgit_sample(logits_fn, num_images, g * g, mask_id=int(self.mask_token_id), steps=steps,
+                             choice_temperature=temperature, generator=generator, device=device, class_ids=cls,
+                             num_classes=self.config.num_classes)  # fmt: skip
+        return ids.view(num_images, g, g)
+
     # ------------------------------------------------------------------------------------------------ metrics
     def flops_per_image(self, *, training: bool = True) -> float:
         """Matmul FLOPs for one image (2 per multiply-add; backward = 2x forward when ``training``), as the fused
