@@ -530,10 +530,12 @@ def _mage_preset(name: str, model: str, batch_size: int) -> RunConfig:
 def _mage_debug() -> RunConfig:
     # The CPU-sized MAGE of the MAGE issue: 32 px images tokenized by the 128-code debug tokenizer of `mimfast
     # pretrain --config regvq_debug` (8 x 8 tokens), deterministic. Measured figures: README.
+    # Dropout off (the 0.1 of ViT-B slows this 0.5M-parameter model down) and blr 0.01 (lr 1.25e-3): measured to
+    # probe better than MAGE's dropout 0.1 or blr 0.02 / 0.04 in the same 20 epochs.
     cfg = _token_debug("mage_debug", "mage_tiny_patch4_debug", 20)
-    cfg.model.overrides = {}
+    cfg.model.overrides = {"dropout": 0.0}
     cfg.data.tokenizer_size = None
-    cfg.optim = OptimConfig(blr=0.04, betas=(0.9, 0.95), weight_decay=0.05, warmup_epochs=0.5, min_lr=1e-5,
+    cfg.optim = OptimConfig(blr=0.01, betas=(0.9, 0.95), weight_decay=0.05, warmup_epochs=0.5, min_lr=1e-5,
                             clip_grad=3.0)  # fmt: skip
     return cfg
 
