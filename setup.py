@@ -2,9 +2,42 @@
 
 ``kernels/`` is installed as ``mimfast.kernels`` (a top-level ``kernels`` package would clash with an existing PyPI
 package), hence the explicit ``package_dir`` mapping below.
+
+The native CPU kernels (top-level CMakeLists.txt, csrc/) are built by ``build_py`` below, best effort: the target
+interpreter (the one running pip, with pip's build-isolation variables removed so it sees the torch already installed)
+runs ``kernels/_native.py build --best-effort``. No torch yet, no CMake / compiler, a failed compile or
+``MIMFAST_NATIVE=0`` print a one-line notice and the install goes on (the reference paths run). Why it is not a
+setuptools extension: kernels/_native.py's docstring.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+
+
+class BuildPyWithNative(build_py):
+    """build_py, then the native library into the package's _native/ (the source tree's for editable installs)."""
+
+    def run(self):
+        super().run()
+        if os.environ.get("MIMFAST_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
+            print("mimfast: native CPU kernels: skipped (MIMFAST_NATIVE=0); the PyTorch reference paths run on CPU")
+            return
+        editable = getattr(self, "editable_mode", False)
+        out = HERE / "kernels" / "_native" if editable else Path(self.build_lib) / "mimfast" / "kernels" / "_native"
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+        cmd = [sys.executable, str(HERE / "kernels" / "_native.py"), "build", "--best-effort", "--out", str(out)]
+        try:
+            subprocess.run(cmd, env=env, cwd=str(HERE), check=False, timeout=1800)
+        except Exception as e:  # never fail an install over the optional native part
+            print(f"mimfast: native CPU kernels: not built ({type(e).__name__}: {e}); the reference paths run")
+
 
 DALI = "nvidia-dali-cuda130; platform_system == 'Linux'"
 TRAIN = [DALI, "pillow>=9.1", "tensorboard"]
@@ -52,4 +85,5 @@ setup(
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["mimfast=mimfast.cli:main"]},
+    cmdclass={"build_py": BuildPyWithNative},
 )

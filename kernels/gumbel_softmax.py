@@ -52,6 +52,7 @@ import warnings
 
 import torch
 
+from . import _native
 from ._common import (
     FLOAT_DTYPES,
     HAS_TRITON,
@@ -433,6 +434,9 @@ def _gumbel_op(
 def _gumbel_cpu(logits, sample_rows, philox, tau, hard, write_y, with_best):
     if interpret_mode() and use_triton(logits):
         return _gumbel_fwd_triton(logits, sample_rows, philox, tau, hard, write_y, with_best)
+    native = _native.op("gumbel_softmax", logits)  # the C++ kernel (csrc/) when built; fp64 takes the reference
+    if native is not None:
+        return native(logits, sample_rows, philox, tau, hard, write_y, with_best)
     return _gumbel_ref_impl(logits, sample_rows, philox, tau, hard, write_y, with_best)
 
 
@@ -466,6 +470,9 @@ def _gumbel_bwd_op(
 def _gumbel_bwd_cpu(grad, logits, sample_rows, philox, lse, tau):
     if interpret_mode() and use_triton(logits):
         return _gumbel_bwd_triton(grad, logits, sample_rows, philox, lse, tau)
+    native = _native.op("gumbel_softmax_bwd", logits)
+    if native is not None:
+        return native(grad, logits, sample_rows, philox, lse, tau)
     return _gumbel_bwd_ref_impl(grad, logits, sample_rows, philox, lse, tau)
 
 

@@ -39,6 +39,7 @@ import warnings
 
 import torch
 
+from . import _native
 from ._common import (
     HAS_TRITON,
     device_guard,
@@ -328,6 +329,9 @@ def _gather_tokens_cpu(x, ids_keep, ids_restore, pos, prefix, out_dtype):
     dt = _dtype_from_name(out_dtype)
     if interpret_mode() and use_triton(x, *(t for t in (pos, prefix) if t is not None)) and dt != torch.float64:
         return _gather_tokens_triton(x, ids_keep, pos, prefix, dt)
+    native = _native.op("gather_tokens", x, pos, prefix, dtypes=(dt,))  # C++ kernel when built; fp64: reference
+    if native is not None:
+        return native(x, ids_keep, ids_restore, pos, prefix, out_dtype)
     return _gather_tokens_ref_impl(x, ids_keep, pos, prefix, dt)
 
 
@@ -390,6 +394,9 @@ def _restore_tokens_cpu(x, ids_restore, fill, pos, num_prefix, covers_all, out_d
     dt = _dtype_from_name(out_dtype)
     if interpret_mode() and use_triton(x, *(t for t in (pos, fill) if t is not None)) and dt != torch.float64:
         return _restore_tokens_triton(x, ids_restore, fill, pos, num_prefix, dt)
+    native = _native.op("restore_tokens", x, fill, pos, dtypes=(dt,))
+    if native is not None:
+        return native(x, ids_restore, fill, pos, num_prefix, covers_all, out_dtype)
     return _restore_tokens_ref_impl(x, ids_restore, fill, pos, num_prefix, dt)
 
 
@@ -419,6 +426,9 @@ def _restore_tokens_bwd_cpu(grad, ids_restore, rows, num_prefix, x_dtype, with_f
     dt = _dtype_from_name(x_dtype)
     if interpret_mode() and use_triton(grad) and dt != torch.float64:
         return _restore_tokens_bwd_triton(grad, ids_restore, rows, num_prefix, dt, with_fill, covers_all)
+    native = _native.op("restore_tokens_bwd", dtypes=(dt,))
+    if native is not None:
+        return native(grad, ids_restore, rows, num_prefix, x_dtype, with_fill, covers_all)
     return _restore_tokens_bwd_ref_impl(grad, ids_restore, rows, num_prefix, dt, with_fill)
 
 

@@ -45,6 +45,7 @@ import warnings
 
 import torch
 
+from . import _native
 from ._common import (
     FLOAT_DTYPES,
     HAS_TRITON,
@@ -515,6 +516,9 @@ def _vq_search_cpu(x, codebook, valid, cosine, int32_index, with_counts, eps, pr
     args = (x, codebook, valid, cosine, int32_index, with_counts, eps, precision)
     if interpret_mode() and use_triton(x, codebook):
         return _vq_search_triton(*args)
+    native = _native.op("vq_search", x, codebook)  # the C++ kernel (csrc/) when built; fp64 takes the reference
+    if native is not None:
+        return native(*args)
     return _vq_search_ref_impl(*args)
 
 

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images from a MAGE run by MaskGIT decoding on the device, as a PNG grid")  # fmt: skip
     add_generate_arguments(gn)
     gn.set_defaults(func=cmd_generate)
+    inf = sub.add_parser("info", parents=[common], help="print the version and which backends (Triton, native CPU) run")
+    inf.set_defaults(func=lambda args: print(__import__("mimfast.kernels._native").kernels._native.describe()) or 0)
     p.subcommands = dict(sub.choices)
     return p
 
