@@ -112,3 +112,83 @@ def time_provider(benchmark, fn, inputs: list, info: dict, device: str, *, launc
     per_call = benchmark.stats.stats.median / launches
     info["median_us_per_call"] = per_call * 1e6
     return per_call
+
+
+# ------------------------------------------------------------------------------------------------ train steps
+STEP_PROVIDERS = ["mimfast", "eager", "mimfast_compile", "eager_compile"]
+
+
+def skip_step_case(provider: str, device: str) -> None:
+    """The skips every model-step suite shares: CUDA cases need CUDA, CPU cases run only on CPU-only machines (the
+    smoke pass), and torch.compile of a training step is a GPU comparison."""
+    import pytest
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("CPU shapes run only on CPU-only machines")
+    if device == "cpu" and provider.endswith("compile"):
+        pytest.skip("torch.compile of a training step is a GPU comparison")
+
+
+def make_train_step(forward, opt, device: str):
+    """One training step: ``forward()`` (returning the loss first) under bf16 autocast on CUDA, backward, ``opt``."""
+    import contextlib
+
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+    def step():
+        with amp:
+            out = forward()
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def time_train_step(benchmark, step, provider: str, *, batch: int, device: str, flops: float, group: str,
+                    info: dict) -> None:  # fmt: skip
+    """Warm up ``step`` (a compile provider that cannot run here is skipped with its reason), time it (CUDA: 5 steps
+    then one synchronize per round, after 2 untimed steps; CPU: one step per round), and record img/s, MFU (model
+    FLOPs over the bf16 peak), peak memory and the loss after the timing in ``benchmark.extra_info``."""
+    import pytest
+
+    try:
+        step()  # warm-up: Triton / inductor / cuDNN autotuning here, not in the timing
+    except Exception as exc:  # noqa: BLE001 - a compile provider that cannot run here is skipped with its reason
+        if provider.endswith("compile"):
+            pytest.skip(f"torch.compile failed here: {type(exc).__name__}: {exc}")
+        raise
+    benchmark.group = group
+    info = dict(provider=provider, batch=batch, device=device, torch=torch.__version__, gflop_per_image=flops / 1e9,
+                **info)  # fmt: skip
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["dtype"] = "bf16 autocast"
+        steps = 5
+
+        def target():
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        benchmark.pedantic(target, warmup_rounds=1, rounds=5, iterations=1)
+        info["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        info["dtype"] = "fp32"
+        steps = 1
+        benchmark.pedantic(step, warmup_rounds=1, rounds=3, iterations=1)
+    per_step = benchmark.stats.stats.median / steps
+    info["img_per_s"] = batch / per_step
+    info["mfu"] = flops * batch / per_step / PEAKS["bf16_flops"] if device == "cuda" else None
+    loss = step().item()
+    info["loss_after"] = loss
+    benchmark.extra_info.update(info)
+    assert loss == loss and abs(loss) < 1e4  # finite
