@@ -25,7 +25,8 @@ from . import __version__
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train import flatten_config, get_config, list_configs
+    from .train import get_config, list_configs
+    from .train.config import print_config
 
     if args.list_configs:
         print("\n".join(list_configs()))
@@ -37,10 +38,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         overrides.append(f"train.resume={args.resume}")
     cfg = get_config(args.config, overrides)
     if args.print_config:
-        print(f"# mimfast pretrain --config {args.config}: every key, as a key=value override")
-        for key, value, doc in flatten_config(cfg):
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-            print(f"{key}={shown}" + (f"    # {doc}" if doc else ""))
+        print_config(cfg, f"mimfast pretrain --config {args.config}")
         return 0
     from .train import pretrain
 
@@ -93,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print every key with its value and meaning; exit")
     t.add_argument("--list-configs", action="store_true", help="list the presets and exit")
     t.set_defaults(func=cmd_pretrain)
+    from .train.finetune import add_finetune_arguments, cmd_finetune
+
+    ft = sub.add_parser(
+        "finetune",
+        parents=[common],
+        help="fine-tune a pretrained encoder as a classifier (val top-1 / top-5 each epoch, best.pt kept)",
+        description="Fine-tune from a pretraining run, e.g. `mimfast finetune --checkpoint runs/mae_debug` (the preset "
+        "follows the checkpoint's) or `mimfast finetune --config mae_finetune_vit_base --checkpoint runs/mae_vit_base "
+        "data.root=/data/imagenet`; same launcher, overrides, resume and signals as pretrain. `--eval-only` evaluates "
+        "a fine-tuned checkpoint (a run, best.pt, or an official .pth).",
+    )
+    add_finetune_arguments(ft)
+    ft.set_defaults(func=cmd_finetune)
     from .data.validate import add_validate_arguments, cmd_validate
     from .train.evaluate import add_probe_arguments, add_reconstruct_arguments, cmd_probe, cmd_reconstruct
 
@@ -110,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_probe_arguments(pr)
     pr.set_defaults(func=cmd_probe)
+    from .train.knn import add_knn_arguments, cmd_knn
+
+    kn = sub.add_parser("knn", parents=[common], help="weighted k-NN (DINO's) top-1 / top-5 of a frozen encoder")
+    add_knn_arguments(kn)
+    kn.set_defaults(func=cmd_knn)
     from .train.tokenizer_eval import add_evaluate_tokenizer_arguments, cmd_evaluate_tokenizer
 
     et = sub.add_parser(

@@ -52,7 +52,8 @@ def corrupt_jpeg(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
-    """The README table's placeholders: RUN (a finished 2-step mae_debug run), DATA, BAD, FILE, CORRUPT, MISMATCH."""
+    """The README table's placeholders: RUN (a finished 2-step mae_debug run), TOK (a 1-step tokenizer run), DATA, BAD,
+    FILE, CORRUPT, MISMATCH."""
     if not HAS_DALI:
         pytest.skip("needs nvidia-dali-cuda130 (the [train] extra)")
     base = tmp_path_factory.mktemp("cli_errors")
@@ -61,6 +62,8 @@ def places(tmp_path_factory):
     try:
         run = base / "run"
         pretrain(get_config("mae_debug", [f"train.out_dir={run}", "train.max_steps=2", "train.progress=lines"]))
+        pretrain(get_config("vqgan_debug", [f"train.out_dir={base / 'tok'}", "train.max_steps=1",
+                                            "train.batch_size=8", "train.progress=lines"]))  # fmt: skip
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET")
@@ -77,8 +80,8 @@ def places(tmp_path_factory):
     ck = torch.load(run / "ckpt_00000002.pt", weights_only=True)
     ck["config"]["model"]["overrides"] = {"depth": 1}
     torch.save(ck, mismatch / "ckpt_00000002.pt")
-    return {"RUN": str(run), "DATA": str(data), "BAD": str(bad), "FILE": str(base / "file.txt"),
-            "CORRUPT": str(base / "corrupt"), "MISMATCH": str(mismatch)}  # fmt: skip
+    return {"RUN": str(run), "TOK": str(base / "tok"), "DATA": str(data), "BAD": str(bad),
+            "FILE": str(base / "file.txt"), "CORRUPT": str(base / "corrupt"), "MISMATCH": str(mismatch)}  # fmt: skip
 
 
 def _snapshot(d: Path) -> dict:
@@ -116,7 +119,8 @@ ROWS = readme_error_rows()
 def test_readme_error_table_is_there_and_covers_the_launcher():
     assert len(ROWS) >= 20
     commands = " ".join(r[1] for r in ROWS)
-    for word in ("pretrain", "probe", "reconstruct", "validate-data", "--resume auto", "data.format=wds"):
+    for word in ("pretrain", "probe", "reconstruct", "validate-data", "--resume auto", "data.format=wds", "finetune",
+                 "knn"):  # fmt: skip
         assert word in commands
 
 

@@ -7,13 +7,16 @@
 #                                   PERF.md's shapes, the must-shows first (codebook search and Gumbel at 65536 x 8192,
 #                                   gather / restore TB/s, the MAE ViT-B/16 step, linear + CE at 55% of peak, the BEiT
 #                                   and CAE ViT-B/16 steps vs their eager twins, the MAGE step and MaskGIT generation
-#                                   vs the host-noise sampler), `pytest -m gpu` plus the kernel test
+#                                   vs the host-noise sampler, the ViT-B/16 fine-tuning step), `pytest -m gpu` plus the
+#                                   kernel and model test
 #                                   files on the GPU, then the remaining suites and the torch.compile providers as time
 #                                   allows (BUDGET_S, default 420 s for the whole command)
 #   bash bench/gpu/run.sh stash     calls 2-3: keep the .gpu/site.tar.xz.part* this call carried (outside the tree)
 #   bash bench/gpu/run.sh dali      call 4, carrying the last part: install DALI from the parts, then the DALI
-#                                   `mixed` loader's img/s against the MAE step's img/s (both in this call) and the
-#                                   DALI-dependent GPU tests (`tests/test_data.py tests/test_train.py -m gpu`)
+#                                   `mixed` loader's img/s against the MAE step's img/s (both in this call), the
+#                                   fine-tuning launcher fed by DALI (RandAugment + erasing) against the fine-tuning
+#                                   step alone, and the DALI-dependent GPU tests (`tests/test_data.py
+#                                   tests/test_train.py tests/test_augment.py tests/test_finetune.py -m gpu`)
 #
 # (`kernels` and `issue4` are the old names of `core` and `dali`.)
 # Everything is written under $OUT: bench JSON (pytest-benchmark), one log, summary.md (printed last).
@@ -117,10 +120,12 @@ core() {
   bench beit_cae_step 150 bench/test_beit_step.py bench/test_cae_step.py -k "not compile"
   bench mage_step 90 bench/test_mage_step.py -k "not compile"
   bench generate 150 bench/test_generate.py
+  bench finetune_step 90 bench/test_finetune_step.py -k "test_finetune_step and not compile"
   gpu_tests 150 tests/ -m gpu
   gpu_tests 150 tests/test_vq_search.py tests/test_quantize.py tests/test_token_gather.py tests/test_mask_generators.py \
     tests/test_gumbel.py tests/test_gumbel_quantizers.py tests/test_cross_entropy.py tests/test_beit.py \
-    tests/test_cae.py tests/test_mage.py tests/test_maskgit.py -x
+    tests/test_cae.py tests/test_mage.py tests/test_maskgit.py tests/test_vit_classifier.py tests/test_mixup.py \
+    tests/test_lars_knn.py -x
   # every other suite, most informative first, then the slow torch.compile providers
   bench attention 90 bench/test_attention.py
   bench vq_rest 120 bench/test_vq.py -k "not 65536x8192 and not compile"
@@ -129,7 +134,8 @@ core() {
   bench masking_rest 60 bench/test_masking.py -k "not (mimfast or mae_ref) and not compile"
   bench mae_step_compile 200 bench/test_mae_step.py -k compile
   bench cross_entropy_compile 90 bench/test_cross_entropy.py -k compile
-  bench beit_cae_step_compile 200 bench/test_beit_step.py bench/test_cae_step.py bench/test_mage_step.py -k compile
+  bench beit_cae_step_compile 200 bench/test_beit_step.py bench/test_cae_step.py bench/test_mage_step.py \
+    bench/test_finetune_step.py -k compile
   bench kernels_compile 120 bench/test_vq.py bench/test_masking.py bench/test_gumbel.py -k compile
   summary
 }
@@ -140,7 +146,9 @@ dali() {
   header
   bench loader 120 bench/test_loader.py
   bench mae_step 150 bench/test_mae_step.py -k "not compile"  # the step the loader must keep up with, same run
-  gpu_tests 200 tests/test_data.py tests/test_train.py -m gpu
+  # fine-tuning: the launcher with the DALI loader (RandAugment + erasing on the GPU) vs the step alone, same run
+  bench finetune_launcher 180 bench/test_finetune_step.py -k "launcher or (cuda and mimfast and not compile)"
+  gpu_tests 200 tests/test_data.py tests/test_train.py tests/test_augment.py tests/test_finetune.py -m gpu
   summary
 }
 

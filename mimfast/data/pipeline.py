@@ -1,4 +1,5 @@
-"""DALI input pipelines for masked image modeling: train (RandomResizedCrop + flip) and eval (resize + centre crop).
+"""DALI input pipelines for masked image modeling: train (RandomResizedCrop + flip, optionally RandAugment and random
+erasing for fine-tuning) and eval (resize + centre crop).
 
 ``build_loader(cfg, batch_size=..., split=..., rank=..., world_size=...)`` returns a :class:`MIMLoader`; iterating it
 yields one epoch of :class:`Batch` es (normalised float32 CHW images, int64 labels, an optional second view of the
@@ -24,11 +25,18 @@ Design (what DALI gives us, and where we take control)
   ``valid = False`` so metrics can ignore them.
 * **Exact resume.** ``state_dict()`` holds ``(epoch, step)`` and, mid-epoch, DALI's pipeline checkpoint
   (``Pipeline(enable_checkpointing=True)``, ``pipe.checkpoint()``): the reader position and the state of every random
-  operator (crop, flip). Facts checked on DALI 2.4: the checkpoint reflects the batches *returned* to the caller, not
-  the ones prefetched (``prefetch_queue_depth`` does not matter), and CPU outputs do not depend on ``num_threads``.
-  Restoring gives bit-identical batches. When a checkpoint cannot be used (absent, written by another DALI version,
-  rejected) the epoch's pipeline is rebuilt from its derived seed and ``step`` batches are replayed and discarded:
-  slower, equally exact. At an epoch boundary nothing but the epoch number is needed.
+  operator (crop, flip, and the draws of RandAugment and random erasing, which are DALI random operators too; the
+  per-sample dispatch of RandAugment is stateless DALI conditionals). Facts checked on DALI 2.4: the checkpoint
+  reflects the batches *returned* to the caller, not the ones prefetched (``prefetch_queue_depth`` does not matter),
+  and CPU outputs do not depend on ``num_threads``. Restoring gives bit-identical batches. When a checkpoint cannot
+  be used (absent, written by another DALI version, rejected) the epoch's pipeline is rebuilt from its derived seed
+  and ``step`` batches are replayed and discarded: slower, equally exact. At an epoch boundary nothing but the epoch
+  number is needed. A state saved before a :class:`DataConfig` field existed resumes while that field is default.
+* **Fine-tuning augmentations** (train only, off by default: the graph is then exactly the pretraining one).
+  ``DataConfig.rand_n`` > 0 runs timm's RandAugment (``rand-m9-mstd0.5-inc1`` for MAE / BEiT fine-tuning) on the
+  uint8 crop after the resize, before normalisation; ``DataConfig.reprob`` > 0 erases one random rectangle per image
+  after normalisation (timm's ``RandomErasing``). Both are DALI operators (GPU ones when ``device_id`` is set); see
+  :mod:`mimfast.data.augment` for the exact semantics and the differences from timm.
 * **Decode.** ``decoders.image_random_crop`` decodes only the crop window (fused ROI decode) for train; eval decodes
   the full image. With ``device_id`` the JPEG decode is DALI's ``mixed`` (nvJPEG / hardware decoder) and every output
   lives on that GPU; with ``device_id=None`` the same graph runs on the CPU (CI).
@@ -57,6 +65,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from .augment import RA_LEVEL_MAX, REMODES, rand_augment, random_erasing
 from .builtin import MANIFEST, _wds_key_ext, default_builtin_root, list_folder_split, make_builtin_dataset
 from .errors import DataError, DataPathError, DataValueError, UndecodableImageError
 
@@ -128,6 +137,12 @@ def _triple(name: str, v, positive: bool) -> tuple[float, float, float]:
     return t
 
 
+def _number(name: str, v, lo: float, hi: float, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= v <= hi or not math.isfinite(v):
+        raise ValueError(f"DataConfig.{name} must be a number {what}, got {v!r}")
+    return float(v)
+
+
 @dataclass
 class DataConfig:
     """What to read and how to augment it. Every field is validated on construction (errors name the field)."""
@@ -170,6 +185,20 @@ class DataConfig:
     """JPEG decode: ``"cpu"``, ``"mixed"`` (GPU, needs ``device_id``), ``"auto"`` (mixed when a device is given)."""
     shuffle_buffer: int = 4096
     """wds train only: DALI's shuffle buffer in samples (the folder format shuffles globally and ignores it)."""
+    rand_n: int = 0
+    """Train only: RandAugment operations per image (timm's ``n``; MAE / BEiT fine-tuning: 2); 0 turns it off. Each
+    is drawn from timm's 15 ``inc1`` operations and applied with probability 0.5 (:mod:`mimfast.data.augment`)."""
+    rand_m: float = 9.0
+    """RandAugment magnitude on timm's level scale [0, 10] (``rand-m9``)."""
+    rand_mstd: float = 0.5
+    """Standard deviation of the per-operation RandAugment magnitude noise, N(rand_m, rand_mstd) clipped to [0, 10]
+    (``mstd0.5``); 0 uses ``rand_m`` exactly."""
+    reprob: float = 0.0
+    """Train only: random-erasing probability per image (MAE fine-tuning: 0.25); 0 turns it off. One rectangle of
+    2-33% of the area, aspect ratio 0.3-3.3, filled after normalisation according to ``remode``."""
+    remode: str = "pixel"
+    """Random-erasing fill: ``"pixel"`` (per-pixel N(0, 1) noise in the normalised space, MAE) or ``"const"`` (0,
+    i.e. the mean colour)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.root, os.PathLike):
@@ -205,6 +234,18 @@ class DataConfig:
             raise ValueError(f"DataConfig.decode must be one of {DECODES}, got {self.decode!r}")
         if not _is_int(self.shuffle_buffer) or self.shuffle_buffer < 1:
             raise ValueError(f"DataConfig.shuffle_buffer must be an int >= 1, got {self.shuffle_buffer!r}")
+        if not _is_int(self.rand_n) or self.rand_n < 0:
+            raise ValueError(f"DataConfig.rand_n must be an int >= 0 (0: no RandAugment), got {self.rand_n!r}")
+        self.rand_m = _number("rand_m", self.rand_m, 0.0, RA_LEVEL_MAX, "in [0, 10] (timm's level scale)")
+        self.rand_mstd = _number("rand_mstd", self.rand_mstd, 0.0, math.inf, ">= 0")
+        self.reprob = _number("reprob", self.reprob, 0.0, 1.0, "in [0, 1]")
+        if self.remode not in REMODES:
+            raise ValueError(f"DataConfig.remode must be one of {REMODES}, got {self.remode!r}")
+        for name, on in (("rand_n", self.rand_n > 0), ("reprob", self.reprob > 0)):
+            if on and self.tokenizer_size is not None:
+                raise ValueError(f"DataConfig.{name}: fine-tuning augmentations cannot be combined with tokenizer_size "
+                                 f"(the tokenizer view would not show the augmented image); set {name} to 0 or "
+                                 "tokenizer_size to None")  # fmt: skip
 
 
 class Batch(NamedTuple):
@@ -455,7 +496,8 @@ class MIMLoader:
             got = state.get("version") if isinstance(state, dict) else None
             raise ValueError(f"state must be a dict from MIMLoader.state_dict() (version {STATE_VERSION}), got "
                              f"{type(state).__name__} with version {got!r}")  # fmt: skip
-        fp, mine = state.get("fingerprint", {}), self._fingerprint()
+        # a state written before a DataConfig field existed (e.g. rand_n, reprob) lacks its key: read it as the default
+        fp, mine = {**_config_defaults(), **state.get("fingerprint", {})}, self._fingerprint()
         diff = {k: (fp.get(k), v) for k, v in mine.items() if fp.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -486,7 +528,7 @@ class MIMLoader:
     def _fingerprint(self) -> dict:
         c = self.cfg
         keep = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("root", "num_threads", "prefetch")}
-        keep = {k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}
+        keep = {k: _plain(v) for k, v in keep.items()}
         return dict(keep, num_samples=self.num_samples, batch_size=self.batch_size, split=self.split,
                     mode=self.mode, rank=self.rank, world_size=self.world_size, gpu=self.device_id is not None,
                     gpu_decode=self._gpu_decode, return_index=self.return_index)  # fmt: skip
@@ -577,17 +619,16 @@ class MIMLoader:
     def _build_pipe(self, reader_kw: dict, seed: int, checkpoint: bytes | None):
         dali, fn, types, _ = _dali()
         c = self.cfg
-        pipe = dali.Pipeline(batch_size=self.batch_size, num_threads=c.num_threads, device_id=self.device_id,
-                             seed=seed, prefetch_queue_depth=c.prefetch, enable_checkpointing=True,
-                             checkpoint=checkpoint)  # fmt: skip
+        train = self.mode == "train"
         gpu, dec_dev = self.device_id is not None, ("mixed" if self._gpu_decode else "cpu")
         dec_kw = dict(_MIXED_DECODER_KW) if self._gpu_decode else {}
         s, t = c.img_size, c.tokenizer_size
         interp, t_interp = getattr(types, INTERPS[c.interp]), getattr(types, INTERPS[c.tokenizer_interp])
-        with pipe:
+
+        def graph():
             jpegs, labels = self._source.read(fn, reader_kw)
             outs = []
-            if self.mode == "train":
+            if train:
                 crop = fn.decoders.image_random_crop(jpegs, device=dec_dev, output_type=types.RGB,
                                                      random_area=list(c.scale), random_aspect_ratio=list(c.ratio),
                                                      num_attempts=10, **dec_kw)  # fmt: skip
@@ -596,6 +637,9 @@ class MIMLoader:
                 big = fn.resize(crop, resize_x=s, resize_y=s, interp_type=interp, antialias=True)
                 small = fn.resize(crop, resize_x=t, resize_y=t, interp_type=t_interp, antialias=True) if t else None
                 mirror = fn.random.coin_flip(probability=0.5) if c.hflip else None
+                if c.rand_n > 0:  # uint8 HWC, like timm's PIL image (DataConfig refuses it with a tokenizer view)
+                    fill = round(255 * sum(c.mean) / 3)
+                    big = rand_augment(big, n=c.rand_n, m=c.rand_m, mstd=c.rand_mstd, size=s, fill=fill)
             else:
                 img = fn.decoders.image(jpegs, device=dec_dev, output_type=types.RGB, **dec_kw)
                 if gpu and not self._gpu_decode:
@@ -608,12 +652,22 @@ class MIMLoader:
                         std=[255.0 * v for v in c.std])  # fmt: skip
             if mirror is not None:
                 norm["mirror"] = mirror
-            outs += [fn.crop_mirror_normalize(big, **norm), labels]
+            images = fn.crop_mirror_normalize(big, **norm)
+            if train and c.reprob > 0:
+                images = random_erasing(images, prob=c.reprob, mode=c.remode, size=s)
+            outs += [images, labels]
             if small is not None:
                 outs.append(fn.crop_mirror_normalize(small, **norm))
             if self.return_index:
                 outs.append(fn.get_property(jpegs, key="source_info"))
-            pipe.set_outputs(*outs)
+            return tuple(outs)
+
+        # RandAugment dispatches its operations per sample with DALI conditionals (``if`` on data nodes)
+        conditionals = train and c.rand_n > 0
+        pipe = dali.pipeline_def(graph, enable_conditionals=conditionals, batch_size=self.batch_size,
+                                 num_threads=c.num_threads, device_id=self.device_id, seed=seed,
+                                 prefetch_queue_depth=c.prefetch, enable_checkpointing=True,
+                                 checkpoint=checkpoint)()  # fmt: skip
         pipe.build()
         return pipe
 
@@ -655,6 +709,15 @@ class MIMLoader:
             labels, valid = labels.to(self.device, non_blocking=True), valid.to(self.device, non_blocking=True)
             index = index.to(self.device, non_blocking=True) if index is not None else None
         return Batch(images, labels, small, index, valid)
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _config_defaults() -> dict:
+    """Every :class:`DataConfig` field's default, as it appears in a loader fingerprint."""
+    return {f.name: _plain(f.default) for f in dataclasses.fields(DataConfig)}
 
 
 def _dali_version() -> str:

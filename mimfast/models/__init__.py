@@ -1,5 +1,6 @@
 """mimfast.models: MIM models built on mimfast.layers / mimfast.ops, and the name registry."""
 
+from . import vit_classifier  # noqa: F401  (registers the ViT classifiers; mimfast.models.vit_classifier)
 from .beit import BEiT, BEiTConfig
 from .cae import CAE, CAEConfig
 from .mae import MAEConfig, MaskedAutoencoderViT

@@ -9,6 +9,15 @@ Images use the eval transform (resize + centre crop, no flip) on both splits, so
 Top-1 is measured on the validation split. ``random_init=True`` probes a freshly initialised encoder of the same
 architecture with the same recipe: the baseline pretraining must beat.
 
+``protocol="lars"`` (:func:`lars_linear_probes`, ``mimfast probe --protocol lars``) is MAE's own probe: the head is
+``BatchNorm1d(D, affine=False, eps=1e-6)`` + ``Linear(D, classes)`` trained with LARS by mini-batches (blr 0.1,
+lr = blr * batch / 256, momentum 0.9, no weight decay, warm-up then half-cycle cosine per iteration; batch 16384,
+90 epochs with 10 of warm-up on ImageNet-1k, i.e. 7020 steps). On a smaller split the batch is capped at the split
+and the default epochs grow to keep the paper's 7020 steps (:func:`mimfast.train.lars.probe_schedule`). MAE trains on
+RandomResizedCrop + flip views; by default the features are extracted once with the eval transform (fast), and
+``augment=V`` extracts V augmented views of the train split (MAE's crop: area 0.08-1, flip) cycled over the epochs.
+Top-1 and top-5 on the val split.
+
 Reconstruction: ``num_images`` validation images spread evenly over the split (every class of a class-sorted
 folder shows up), masked with a seeded draw, each shown as
 [original | masked input | reconstruction | reconstruction with the visible patches pasted back]; with norm-pix loss the
@@ -39,6 +48,7 @@ __all__ = [
     "extract_features",
     "extract_pooled_features",
     "fit_linear_probe",
+    "lars_linear_probes",
     "linear_probe",
     "linear_probes",
     "load_pretrained",
@@ -66,6 +76,12 @@ class ProbeResult:
     """"cls" or "mean"."""
     random_init: bool
     """True when the encoder was freshly initialised rather than loaded."""
+    top5: float | None = None
+    """Validation top-5 (the lars protocol; capped at the number of classes)."""
+    protocol: str = "quick"
+    """"quick" (full-batch AdamW on standardised features) or "lars" (MAE's protocol)."""
+    recipe: dict | None = None
+    """The lars protocol's schedule as run: epochs, warmup_epochs, batch_size, lr, steps, augment views."""
 
 
 def _device(name: str | None) -> torch.device:
@@ -258,6 +274,79 @@ def linear_probe(checkpoint: str | Path, *, pool: str = "cls", **kwargs) -> Prob
     return linear_probes(checkpoint, pools=(pool,), **kwargs)[pool]
 
 
+def _augment_loader(data_cfg, batch_size: int, device: torch.device, num_train: int):
+    """Train-split loader of MAE's linear-probe augmentation: RandomResizedCrop (area 0.08-1, ratio 3/4-4/3, the
+    torchvision defaults MAE keeps) + horizontal flip, no RandAugment / erasing; shuffled, ragged tail dropped."""
+    import dataclasses
+
+    from ..data import build_loader
+
+    cfg = dataclasses.replace(data_cfg, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, rand_n=0, reprob=0.0,
+                              tokenizer_size=None)  # fmt: skip
+    device_id = (device.index or 0) if device.type == "cuda" else None
+    return build_loader(cfg, batch_size=min(batch_size, num_train), split="train", mode="train",
+                        device_id=device_id)  # fmt: skip
+
+
+def lars_linear_probes(
+    checkpoint: str | Path,
+    *,
+    pools=POOLS,
+    data_root: str | None = None,
+    random_init: bool = False,
+    epochs: int | None = None,
+    warmup_epochs: float | None = None,
+    batch_size: int = 16384,
+    blr: float = 0.1,
+    augment: int = 0,
+    extract_batch_size: int = 64,
+    seed: int = 0,
+    device=None,
+    progress: bool = True,
+    loaders=None,
+) -> dict[str, ProbeResult]:
+    """MAE's linear probe (LARS, :func:`mimfast.train.lars.fit_lars_probe`) of the frozen encoder of a pretraining
+    checkpoint (or of a seeded random encoder), one head per pooling in ``pools``: ``{pool: ProbeResult}`` with
+    top-1, top-5 and the schedule run (``recipe``).
+
+    ``epochs`` / ``warmup_epochs`` default to :func:`mimfast.train.lars.probe_schedule`'s (the paper's 90 / 10 on
+    ImageNet-1k; on a smaller split, as many epochs as the paper's 7020 steps take). ``augment=0`` trains on the
+    eval-transform train features (extracted once); ``augment=V`` extracts V augmented views of the train split
+    (the same views for every encoder) and cycles them over the epochs. ``loaders`` = ``(train, val)`` eval loaders,
+    or ``(train, val, augment_loader)``, reuses them.
+    """
+    from .lars import fit_lars_probe
+
+    if isinstance(augment, bool) or not isinstance(augment, int) or augment < 0:
+        raise ValueError(f"augment: expected an int >= 0 (augmented views of the train split), got {augment!r}")
+    dev = _device(device) if not isinstance(device, torch.device) else device
+    model, cfg, _ = load_pretrained(checkpoint, random_init=random_init, seed=seed)
+    if loaders is None:
+        data_cfg, train_loader, val_loader = _eval_loaders(cfg, data_root, extract_batch_size, dev)
+        aug_loader = _augment_loader(data_cfg, extract_batch_size, dev, train_loader.num_samples) if augment else None
+    else:
+        train_loader, val_loader, aug_loader = (*loaders, None)[:3]
+        if augment and aug_loader is None:
+            raise ValueError("loaders: augment > 0 needs (train, val, augment_loader)")
+    tf, ty = extract_pooled_features(model, train_loader, pools=pools, device=dev, progress=progress)
+    vf, vy = extract_pooled_features(model, val_loader, pools=pools, device=dev, progress=progress)
+    views = []
+    for v in range(augment):
+        aug_loader.set_epoch(v)  # view v is the same crop of every image for every encoder
+        views.append(extract_pooled_features(model, aug_loader, pools=pools, device=dev, progress=progress))
+    num_classes = int(max(ty.max().item(), vy.max().item())) + 1
+    out = {}
+    for p in tf:
+        r = fit_lars_probe(tf[p], ty, vf[p], vy, num_classes=num_classes, epochs=epochs, warmup_epochs=warmup_epochs,
+                           batch_size=batch_size, blr=blr, seed=seed, device=dev,
+                           train_views=[(f[p], y) for f, y in views] or None)  # fmt: skip
+        recipe = {key: r[key] for key in ("epochs", "warmup_epochs", "batch_size", "lr", "steps")}
+        recipe.update(blr=blr, augment=augment)
+        out[p] = ProbeResult(r["top1"], r["train_top1"], len(ty), len(vy), num_classes, tf[p].shape[1], p, random_init,
+                             top5=r["top5"], protocol="lars", recipe=recipe)  # fmt: skip
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ reconstruct
 def _spread_images(loader, num: int) -> torch.Tensor:
     """``num`` images evenly spaced over one (in-order) epoch of an eval loader, so a class-sorted split shows every
@@ -347,42 +436,44 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="dataset with train/ and val/ (default: the run's data.root)")
     p.add_argument("--pool", choices=("cls", "mean", "both"), default="both",
                    help="feature: the class token, the mean of the patch tokens, or both (default)")  # fmt: skip
+    p.add_argument("--protocol", choices=("quick", "lars"), default="quick",
+                   help="quick (default): full-batch AdamW on standardised features, seconds; lars: MAE's linear "
+                        "probe (BatchNorm + linear head, LARS, warm-up + cosine, top-1 and top-5)")  # fmt: skip
     p.add_argument("--compare-random", action="store_true", help="also probe randomly initialised encoders")
     p.add_argument("--random-seeds", type=int, default=3, help="random inits to probe (seeds seed..seed+N-1)")
     p.add_argument("--random-init", action="store_true", help="probe only randomly initialised encoders")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=300, help="full-batch AdamW steps of the linear head")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="quick: images per feature-extraction batch (default 64); lars: the head's batch (default "
+                        "16384, MAE's; capped at the train split, lr = blr x batch / 256)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="quick: full-batch AdamW steps of the head (default 300)")
+    p.add_argument("--lr", type=float, default=None, help="quick: AdamW learning rate (default 0.05)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="lars: epochs (default: MAE's 90 on ImageNet-1k; on a smaller split enough epochs for the "
+                        "paper's 7020 optimizer steps)")  # fmt: skip
+    p.add_argument("--warmup-epochs", type=float, default=None, help="lars: warm-up epochs (default: epochs x 10/90)")
+    p.add_argument("--blr", type=float, default=None, help="lars: base lr (default 0.1, MAE's)")
+    p.add_argument("--augment", type=int, default=None, metavar="VIEWS",
+                   help="lars: train on VIEWS RandomResizedCrop + flip views of the train split, cycled over "
+                        "the epochs (MAE's augmentation, slower); default 0: eval-transform features extracted "
+                        "once")  # fmt: skip
+    p.add_argument("--extract-batch-size", type=int, default=None,
+                   help="lars: images per feature-extraction batch (default 64)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    if args.random_seeds < 1 or args.steps < 1 or args.batch_size < 1:
-        print("error: --random-seeds, --steps and --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    dev = _device(args.device)  # errors are reported by mimfast.cli.main (one line, exit 2)
-    _, cfg, step = load_pretrained(args.checkpoint)
-    data_cfg, train, val = _eval_loaders(cfg, args.data_root, args.batch_size, dev)
-    pools = POOLS if args.pool == "both" else (args.pool,)
-    runs = [] if args.random_init else [(False, args.seed)]
-    if args.random_init or args.compare_random:
-        runs += [(True, args.seed + i) for i in range(args.random_seeds)]
-    print(f"linear probe: {cfg.model.name} from {args.checkpoint} (step {step}), data {data_cfg.root}, "
-          f"{train.num_samples} train / {val.num_samples} val images; val top-1 (train top-1) by feature:")  # fmt: skip
-    head = "".join(f"{'class token' if p == 'cls' else 'mean of patches':>22}" for p in pools)
-    print(f"  {'encoder':<22}{head}")
-    rows = []
-    for is_random, seed in runs:
-        t0 = time.perf_counter()
-        res = linear_probes(args.checkpoint, pools=pools, random_init=is_random, steps=args.steps, lr=args.lr,
-                            seed=seed, device=dev, progress=False, loaders=(train, val))  # fmt: skip
-        label = f"random init (seed {seed})" if is_random else f"pretrained (step {step})"
-        cells = "".join(f"{f'{100 * res[p].top1:.1f}% ({100 * res[p].train_top1:.1f}%)':>22}" for p in pools)
-        print(f"  {label:<22}{cells}   {time.perf_counter() - t0:.1f} s", flush=True)
-        rows.append({"encoder": "random" if is_random else "pretrained", "seed": seed,
-                     **{p: {"top1": res[p].top1, "train_top1": res[p].train_top1} for p in pools}})  # fmt: skip
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _pool_name(p: str) -> str:
+    return "class token" if p == "cls" else "mean of patches"
+
+
+def _compare_with_random(rows: list[dict], pools) -> dict:
+    """Print one line per pooling comparing the pretrained encoder's val top-1 with the random inits' (rows of
+    ``{"encoder": "pretrained" | "random", "seed", pool: {"top1", ...}}``); return the JSON summary."""
     summary = {}
     pre = [r for r in rows if r["encoder"] == "pretrained"]
     rnd = [r for r in rows if r["encoder"] == "random"]
@@ -392,15 +483,89 @@ def cmd_probe(args: argparse.Namespace) -> int:
             mean = sum(r[p]["top1"] for r in rnd) / len(rnd)
             summary[p] = {"pretrained": pre[0][p]["top1"], "random_mean": mean, "random_best": best,
                           "margin_over_best_random": pre[0][p]["top1"] - best}  # fmt: skip
-            print(f"  {'class token' if p == 'cls' else 'mean of patches'}: pretrained {100 * pre[0][p]['top1']:.1f}% "
-                  f"vs random init {100 * mean:.1f}% (mean of {len(rnd)}, best {100 * best:.1f}%): "
-                  f"{100 * (pre[0][p]['top1'] - best):+.1f} points over the best random init")  # fmt: skip
+            print(f"  {_pool_name(p)}: pretrained {_pct(pre[0][p]['top1'])} vs random init {_pct(mean)} (mean of "
+                  f"{len(rnd)}, best {_pct(best)}): {100 * (pre[0][p]['top1'] - best):+.1f} points over the best "
+                  "random init")  # fmt: skip
+    return summary
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    lars = args.protocol == "lars"
+    other = ("steps", "lr") if lars else ("epochs", "warmup_epochs", "blr", "augment", "extract_batch_size")
+    given = [f"--{o.replace('_', '-')}" for o in other if getattr(args, o) is not None]
+    if given:
+        print(f"error: {given[0]} applies to --protocol {'quick' if lars else 'lars'}, not {args.protocol}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    batch = args.batch_size if args.batch_size is not None else (16384 if lars else 64)
+    steps = 300 if args.steps is None else args.steps
+    extract = 64 if args.extract_batch_size is None else args.extract_batch_size
+    bad = [f"{o} {v}" for o, v in (("--random-seeds", args.random_seeds), ("--steps", steps), ("--batch-size", batch),
+           ("--epochs", args.epochs), ("--augment", args.augment), ("--extract-batch-size", extract))
+           if v is not None and v < (0 if o == "--augment" else 1)]  # fmt: skip
+    if bad:
+        print(f"error: --random-seeds, --steps, --batch-size, --epochs and --extract-batch-size must be >= 1 and "
+              f"--augment >= 0, got {bad[0]}", file=sys.stderr)  # fmt: skip
+        return 2
+    dev = _device(args.device)  # errors are reported by mimfast.cli.main (one line, exit 2)
+    _, cfg, step = load_pretrained(args.checkpoint)
+    data_cfg, train, val = _eval_loaders(cfg, args.data_root, extract if lars else batch, dev)
+    loaders = (train, val)
+    pools = POOLS if args.pool == "both" else (args.pool,)
+    runs = [] if args.random_init else [(False, args.seed)]
+    if args.random_init or args.compare_random:
+        runs += [(True, args.seed + i) for i in range(args.random_seeds)]
+    lars_kw = {}
+    if lars:
+        from .lars import probe_schedule
+
+        augment = args.augment or 0
+        if augment:
+            loaders = (train, val, _augment_loader(data_cfg, extract, dev, train.num_samples))
+        n_fit = train.num_samples if not augment else len(loaders[2]) * loaders[2].batch_size
+        blr = 0.1 if args.blr is None else args.blr
+        sched = probe_schedule(n_fit, epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=batch, blr=blr)
+        lars_kw = dict(epochs=sched["epochs"], warmup_epochs=sched["warmup_epochs"], batch_size=batch, blr=blr,
+                       augment=augment)  # fmt: skip
+        feats = f"{augment} RandomResizedCrop + flip views of the train split" if augment else "eval-transform features"
+        what = (f"linear probe (lars, MAE's protocol: {sched['epochs']} epochs ({sched['warmup_epochs']:g} warm-up) "
+                f"x {sched['steps_per_epoch']} step(s) of batch {sched['batch_size']}, lr {sched['lr']:.4g} = blr "
+                f"{blr:g} x {sched['batch_size']} / 256, LARS momentum 0.9, {feats})")  # fmt: skip
+        cols = "val top-1 / top-5 (train top-1)"
+    else:
+        what, cols = "linear probe", "val top-1 (train top-1)"
+    print(f"{what}: {cfg.model.name} from {args.checkpoint} (step {step}), data {data_cfg.root}, "
+          f"{train.num_samples} train / {val.num_samples} val images; {cols} by feature:")  # fmt: skip
+    width = 24 if lars else 22
+    print(f"  {'encoder':<22}" + "".join(f"{_pool_name(p):>{width}}" for p in pools))
+    rows = []
+    for is_random, seed in runs:
+        t0 = time.perf_counter()
+        if lars:
+            res = lars_linear_probes(args.checkpoint, pools=pools, random_init=is_random, seed=seed, device=dev,
+                                     progress=False, loaders=loaders, **lars_kw)  # fmt: skip
+        else:
+            res = linear_probes(args.checkpoint, pools=pools, random_init=is_random, steps=steps,
+                                lr=0.05 if args.lr is None else args.lr, seed=seed, device=dev, progress=False,
+                                loaders=loaders)  # fmt: skip
+        label = f"random init (seed {seed})" if is_random else f"pretrained (step {step})"
+        top5 = {p: f" / {_pct(res[p].top5)}" if lars else "" for p in pools}
+        cells = "".join(f"{_pct(res[p].top1)}{top5[p]} ({_pct(res[p].train_top1)})".rjust(width) for p in pools)
+        print(f"  {label:<22}{cells}   {time.perf_counter() - t0:.1f} s", flush=True)
+        rows.append({"encoder": "random" if is_random else "pretrained", "seed": seed,
+                     **{p: {"top1": res[p].top1, "train_top1": res[p].train_top1,
+                            **({"top5": res[p].top5} if lars else {})} for p in pools}})  # fmt: skip
+    summary = _compare_with_random(rows, pools)
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         record = {"checkpoint": str(args.checkpoint), "step": step, "model": cfg.model.name, "data": data_cfg.root,
-                  "num_train": train.num_samples, "num_val": val.num_samples, "probe_steps": args.steps,
-                  "runs": rows, "summary": summary}  # fmt: skip
+                  "num_train": train.num_samples, "num_val": val.num_samples, "protocol": args.protocol}  # fmt: skip
+        if lars:
+            record["lars"] = res[pools[0]].recipe
+        else:
+            record["probe_steps"] = steps
+        record.update(runs=rows, summary=summary)
         out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"  results: {out}")
     return 0

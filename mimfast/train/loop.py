@@ -65,6 +65,9 @@ from .progress import ProgressBar, format_duration
 from .signals import STOP_SIGNALS, StopSignals, TrainingInterrupted
 from .tasks import task_for
 
+BEST = "best.pt"
+"""The best in-training evaluation's weights, in ``out_dir`` (a loadable checkpoint without optimizer state)."""
+
 __all__ = ["NonFiniteLossError", "RunResult", "TrainingInterrupted", "param_groups", "peak_flops", "pretrain"]
 
 
@@ -102,6 +105,10 @@ class RunResult:
     """Global training throughput of this call (all ranks, excluding the first step's warm-up)."""
     world_size: int = 1
     """Ranks in the job."""
+    evals: list[dict] = field(default_factory=list)
+    """In-training evaluations of this call (tasks with one, e.g. fine-tuning): ``{"step", "epoch", metric: value}``."""
+    best: dict | None = None
+    """The best evaluation so far over the whole run (``{"step", "epoch", "metric", "value", "path"}``), or None."""
 
 
 def _seed_all(seed: int) -> None:
@@ -123,6 +130,16 @@ def _read_jsonl(path: Path) -> list[dict]:
             with contextlib.suppress(json.JSONDecodeError):  # a torn last line from a killed run
                 rows.append(json.loads(line))
     return rows
+
+
+def _checkpoint_step_of(path: Path) -> int | None:
+    """The step of a checkpoint-format file (``best.pt``), None when absent or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return None
 
 
 def _fmt_lr(x: float) -> str:
@@ -194,7 +211,9 @@ class _Run:
         if isinstance(decision, str) and decision.startswith("error:"):
             raise ConfigError(decision[len("error:") :])
         self.resumed_from = decision
-        if decision is not None:
+        if decision is None:
+            self.task.initialize(model, self.log)  # fresh run: outside weights (fine-tuning's pretrained encoder)
+        else:
             try:
                 ckpt = ckpt_mod.load_checkpoint(decision, mmap=True)
             except ckpt_mod.CheckpointError as e:
@@ -259,6 +278,16 @@ class _Run:
             )
         except DataError as e:
             raise resume_mod.data_config_error(e, cfg, self.resumed_from) from None
+        self.task.check_data(self.module, self.loader)
+        self.val_loader = None
+        if self.task.best_metric is not None:
+            try:
+                self.val_loader = build_loader(cfg.data, batch_size=t.batch_size, split="val", mode="eval",
+                                               rank=info.rank, world_size=info.world_size,
+                                               device_id=dev.index if dev.type == "cuda" else None)  # fmt: skip
+            except DataError as e:
+                raise resume_mod.data_config_error(e, cfg, self.resumed_from) from None
+        self.best: dict | None = None
         n_batches = len(self.loader)
         self.steps_per_epoch = n_batches // accum
         if self.steps_per_epoch < 1:
@@ -333,6 +362,8 @@ class _Run:
                 f"train.resume: checkpoint holds RNG states of {len(rngs)} rank(s), job has {info.world_size}"
             )
         self._rng_to_restore = rngs[info.rank]
+        self.best = tr.get("best")
+        self.task.load_state_dict(ckpt.get("task"), self.model)
 
     def _setup_outputs(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -356,6 +387,24 @@ class _Run:
         rows = [r for r in rows if r.get("step", 0) <= self.start_step]
         ckpt_mod.atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         self.metrics_file = open(self.metrics_path, "a", buffering=1)
+        # eval.jsonl (in-training evaluations) and best.pt follow the same timeline
+        eval_path = self.out / "eval.jsonl"
+        erows = _read_jsonl(eval_path)
+        later = [r for r in erows if r.get("step", 0) > self.start_step]
+        best_path = self.out / BEST
+        best_step = _checkpoint_step_of(best_path)
+        if later or (best_step is not None and best_step > self.start_step):
+            dest = self.out / ckpt_mod.ABANDONED / f"eval-after-step-{self.start_step}"
+            dest.mkdir(parents=True, exist_ok=True)
+            if later:
+                ckpt_mod.atomic_write_text(dest / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in later))
+            if best_step is not None and best_step > self.start_step:
+                best_path.replace(dest / BEST)
+            self.log(f"note: evaluations / best.pt written after step {self.start_step} by an abandoned timeline "
+                     f"moved to {dest}")  # fmt: skip
+        erows = [r for r in erows if r.get("step", 0) <= self.start_step]
+        ckpt_mod.atomic_write_text(eval_path, "".join(json.dumps(r) + "\n" for r in erows))
+        self.eval_file = open(eval_path, "a", buffering=1)
         self.tb = None
         self.tb_dir = None
         if self.cfg.train.tensorboard:
@@ -367,8 +416,9 @@ class _Run:
     def _print_header(self) -> None:
         c, t, info = self.cfg, self.cfg.train, self.info
         where = f"{info.world_size} x {info.device.type}" + (f" ({t.dist}, {info.backend})" if info.distributed else "")
+        cmd = "finetune" if self.task.name == "finetune" else "pretrain"
         self.log(
-            f"mimfast pretrain | {c.preset or 'custom'} | {c.model.name} ({self.n_params / 1e6:.1f}M params) | "
+            f"mimfast {cmd} | {c.preset or 'custom'} | {c.model.name} ({self.n_params / 1e6:.1f}M params) | "
             f"{where} | {self.precision}"
         )
         self.log(
@@ -410,7 +460,9 @@ class _Run:
                 "accum_steps": self.accum,
                 "world_size": info.world_size,
                 "peak_lr": self.peak_lr,
+                "best": self.best,
             },
+            "task": self.task.state_dict(),
             "rng": rngs,
             "loader": [ckpt_mod.encode_object(s) for s in loaders],
             "config": config_to_dict(self.cfg),
@@ -474,8 +526,8 @@ class _Run:
         if ok:
             active = list(zip(self.opt_specs, self.optimizers, strict=True))
             for sp, o in active:
-                for g in o.param_groups:
-                    g["lr"] = lr * sp.lr_scale
+                for g in o.param_groups:  # a group's own lr_scale: layer-wise lr decay
+                    g["lr"] = lr * sp.lr_scale * g.get("lr_scale", 1.0)
                 if self.scaler is not None:
                     self.scaler.unscale_(o)
                 if self.cfg.optim.clip_grad is not None:
@@ -493,6 +545,7 @@ class _Run:
                 applied = True
             if applied:
                 self.sched_step += 1
+                self.task.after_step(self.model)
         elif self.cfg.train.nan_policy == "stop":
             raise NonFiniteLossError(
                 f"step {self.step + 1}: the loss is not finite ({loss_val}) on at least one rank; stopping "
@@ -537,6 +590,7 @@ class _Run:
             self.progress = None
             if self.main:
                 self.metrics_file.close()
+                self.eval_file.close()
                 if self.tb is not None:
                     self.tb.close()
         result.step, result.skipped, result.skipped_steps = self.step, self.skipped, list(self.skipped_steps)
@@ -609,6 +663,11 @@ class _Run:
                             self.tb.add_scalar("perf/mfu", mfu, self.step)
                         self.tb.flush()
                     t_window, steps_window = time.perf_counter(), 0
+                if self.val_loader is not None and (self.step == self.stop or (
+                        self.step % self.steps_per_epoch == 0
+                        and (self.step // self.steps_per_epoch) % self.task.eval_every() == 0)):  # fmt: skip
+                    result.evals.append(self._evaluate())
+                    result.best = self.best
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or self.step == self.stop or stop is not None:
                     path = self._checkpoint()
                     self.last_checkpoint = str(ckpt_mod.checkpoint_path(self.out, self.step))
@@ -628,6 +687,47 @@ class _Run:
         rate = bar.steps_per_sec()
         if rate:
             result.images_per_sec = rate * self.eff_batch
+
+    def _evaluate(self) -> dict:
+        """The task's evaluation on every rank's share of the val split (collective), logged on rank 0; a new best
+        of ``task.best_metric`` writes ``out_dir/best.pt`` (model weights + config + these metrics)."""
+        info, t0 = self.info, time.perf_counter()
+        sums = self.task.evaluate(self.model, self.val_loader, info.device, self._autocast)
+        keys = sorted(sums)
+        flat = all_reduce_sum(torch.cat([sums[k].double().reshape(-1) for k in keys]), info).cpu()
+        sizes = [sums[k].numel() for k in keys]
+        reduced = dict(zip(keys, flat.split(sizes), strict=True))
+        metrics = self.task.eval_metrics(reduced)
+        epoch = self.step / self.steps_per_epoch
+        rec = {"step": self.step, "epoch": round(epoch, 6), **metrics}
+        name = self.task.best_metric
+        value = metrics[name]
+        improved = self.best is None or value > self.best["value"]
+        if improved:
+            self.best = {"step": self.step, "epoch": round(epoch, 6), "metric": name, "value": value,
+                         "path": str(self.out / BEST)}  # fmt: skip
+            self._save_best(metrics)
+        if self.main:
+            self.eval_file.write(json.dumps(rec) + "\n")
+            shown = " | ".join(f"{k} {100 * v:.2f}%" if "top" in k else f"{k} {v:.4f}" for k, v in metrics.items())
+            self.log(f"eval  step {self.step:>6} | epoch {epoch:6.2f} | {shown} | best {name} "
+                     f"{100 * self.best['value']:.2f}% (epoch {self.best['epoch']:g})"
+                     f"{' -> ' + BEST if improved else ''} | {time.perf_counter() - t0:.1f} s")  # fmt: skip
+            if self.tb is not None:
+                for k, v in metrics.items():
+                    self.tb.add_scalar(f"eval/{k}", v, self.step)
+                self.tb.flush()
+        return rec
+
+    def _save_best(self, metrics: dict) -> None:
+        """Collective (the full state dict is gathered on every rank); rank 0 writes ``best.pt`` atomically."""
+        dsd = _dsd()
+        opts = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = dsd.get_model_state_dict(self.module, options=opts)
+        if self.main:
+            state = {"format": ckpt_mod.FORMAT, "step": self.step, "model": model_sd,
+                     "config": config_to_dict(self.cfg), "eval": metrics, "kind": "best", "complete": True}  # fmt: skip
+            ckpt_mod.atomic_save(state, self.out / BEST)
 
     def _mfu(self, ips: float | None, peak: float | None) -> float | None:
         """Model FLOP utilisation at ``ips`` images/s over all ranks (None without a known peak or FLOP count)."""

@@ -92,6 +92,16 @@ class Task(abc.ABC):
                 f"set data.img_size={img} (or model.overrides.img_size=...)"
             )
 
+    def initialize(self, model: nn.Module, log=print) -> None:
+        """A fresh run only (not a resume, not an evaluation rebuild): load outside weights into the model before it
+        moves to the device (fine-tuning from a pretrained encoder). Default: nothing."""
+        return None
+
+    def check_data(self, model: nn.Module, loader) -> None:
+        """Raise :class:`~mimfast.train.config.ConfigError` when the training loader does not fit the model (e.g. a
+        class count). Default: nothing."""
+        return None
+
     def optimizer_specs(self, model: nn.Module) -> list[OptimizerSpec]:
         """The task's optimizers (default: one, over MAE's weight-decay groups of every trainable parameter)."""
         o = self.cfg.optim
@@ -114,7 +124,38 @@ class Task(abc.ABC):
         and ranks and logged next to the loss; keep their keys the same on every call.
         """
 
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every applied optimizer step (e.g. a weight EMA). Default: nothing."""
+        return None
+
+    def state_dict(self) -> dict | None:
+        """Task state saved in each checkpoint (e.g. the EMA weights); None = nothing."""
+        return None
+
+    def load_state_dict(self, state: dict | None, model: nn.Module) -> None:
+        """Restore :meth:`state_dict` on resume (``model``: the wrapped model, on its device)."""
+        return None
+
     # -------------------------------------------------------------------------------------------- evaluation
+    best_metric: ClassVar[str | None] = None
+    """Name of the :meth:`eval_metrics` value the launcher maximises (keeping ``out_dir/best.pt``); None = the task
+    has no in-training evaluation."""
+
+    def evaluate(self, model: nn.Module, loader, device: torch.device, autocast) -> dict[str, torch.Tensor]:
+        """In-training evaluation over this rank's share of the val split (``autocast()``: the run's precision
+        context): ``{name: tensor of sums}``, all-reduced by the launcher and turned into metrics by
+        :meth:`eval_metrics`. Only called when :attr:`best_metric` is set."""
+        raise NotImplementedError
+
+    def eval_every(self) -> int:
+        """Epochs between in-training evaluations (there is always one after the last step)."""
+        return 1
+
+    @staticmethod
+    def eval_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """All-reduced sums of :meth:`evaluate` -> metrics."""
+        raise NotImplementedError
+
     def features(self, model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Frozen features for ``mimfast probe``: ``{"cls": (B, D), "mean": (B, D)}`` (eval mode, no masking)."""
         raise ValueError(f"the {self.name} task has no features for a linear probe")
@@ -149,6 +190,7 @@ def task_for(model: nn.Module, cfg: RunConfig | None = None) -> Task:
     return _TASKS[name](cfg)
 
 
+from . import finetune as _finetune  # noqa: E402, F401
 from . import mae as _mae  # noqa: E402, F401  (registers the built-in tasks)
 from . import mage as _mage  # noqa: E402, F401
 from . import token_prediction as _token_prediction  # noqa: E402, F401
