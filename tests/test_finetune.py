@@ -287,3 +287,50 @@ def test_every_family_fine_tunes_with_its_preset(setup, tmp_path, monkeypatch, f
     if family == "beit":  # each block's relative position table starts from the shared pretrained one
         assert ft["blocks.0.rel_pos_bias.relative_position_bias_table"].shape == \
             enc["rel_pos_bias.relative_position_bias_table"].shape  # fmt: skip
+
+
+def _dist_worker(rank: int, port_ddp: int, port_fsdp: int, root: str, pre: str, tmp: str) -> None:
+    import sys
+    import traceback
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      TRITON_INTERPRET="0")  # fmt: skip
+    out = Path(tmp)
+    try:
+        common = [f"data.root={root}", f"model.loss.pretrained={pre}", "train.batch_size=8", "train.max_steps=12",
+                  "train.log_every=4", "train.ckpt_every=0", "model.loss.eval_every=1"]  # fmt: skip
+        for mode, port, extra in (("ddp", port_ddp, ["model.loss.ema=0.9"]), ("fsdp2", port_fsdp, [])):
+            os.environ["MASTER_PORT"] = str(port)
+            sys.stdout = open(out / f"stdout_{mode}{rank}.txt", "w", buffering=1)
+            res = finetune(get_config("mae_finetune_debug", [f"out={out / mode}", f"train.dist={mode}", *common,
+                                                             *extra]))  # fmt: skip
+            torch.save({"evals": res.evals, "best": res.best, "losses": res.losses}, out / f"{mode}{rank}.pt")
+    except BaseException:
+        (out / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def test_two_process_ddp_and_fsdp2_evaluate_on_every_rank(setup, tmp_path):
+    """2-process gloo DDP (with EMA) and FSDP2: every rank sees the same all-reduced evaluation, each val image is
+    counted once across the ranks' shards, rank 0 writes best.pt from the gathered weights."""
+    from conftest import free_port, run_spawned_ranks
+
+    root, pre = setup
+    ports = (free_port(), free_port())
+    run_spawned_ranks(_dist_worker, lambda r: (r, *ports, str(root), str(pre), str(tmp_path)), tmp_path)
+    for mode in ("ddp", "fsdp2"):
+        r0, r1 = (torch.load(tmp_path / f"{mode}{r}.pt", weights_only=False) for r in range(2))
+        assert r0["evals"] == r1["evals"] and r0["best"] == r1["best"] and r0["losses"] == r1["losses"]
+        # 160 train images / (8 x 2 ranks) = 10 steps per epoch: evaluations after epoch 1 and after the last step
+        assert [e["step"] for e in r0["evals"]] == [10, 12]
+        best = load_checkpoint(tmp_path / mode / "best.pt")
+        # the val split (40 images) evaluated across 2 ranks = the same classifier evaluated in one process
+        cfg = get_config(
+            "mae_finetune_debug", [f"data.root={root}", f"model.loss.pretrained={tmp_path / mode}/best.pt"]
+        )
+        one = evaluate_classifier(cfg, device="cpu")
+        assert one["top1"] == pytest.approx(best["eval"]["top1"]) and one["num_val"] == NUM_CLASSES * 4
+        assert one["loss"] == pytest.approx(best["eval"]["loss"], rel=1e-5)
+        assert "ema_top1" in r0["evals"][-1] if mode == "ddp" else "ema_top1" not in r0["evals"][-1]
+        log0, log1 = ((tmp_path / f"stdout_{mode}{r}.txt").read_text() for r in range(2))
+        assert log0.count("eval  step") == 2 and "eval" not in log1
