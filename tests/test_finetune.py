@@ -145,6 +145,18 @@ def test_eval_only_and_features(setup, tmp_path, monkeypatch):
 
     probes = linear_probes(tmp_path / "ev", pools=("mean",), steps=20, progress=False)
     assert probes["mean"].feature_dim == 96
+    # the same weights under the official (timm / MAE fine-tuned) names, as a bare .pth: the key map loads them
+    from mimfast.models import create_model
+
+    clf = create_model(cfg.model.name, **cfg.model.overrides)
+    clf.load_state_dict(load_checkpoint(tmp_path / "ev" / "best.pt")["model"])
+    official = clf.official_state_dict()
+    assert "fc_norm.weight" in official and "head.weight" in official
+    torch.save({"model": official}, tmp_path / "official_finetuned.pth")
+    cfg = _ft(setup, tmp_path / "unused", f"model.loss.pretrained={tmp_path / 'official_finetuned.pth'}")
+    off = evaluate_classifier(cfg, device="cpu")
+    assert off["top1"] == out["top1"] and off["loss"] == pytest.approx(out["loss"], rel=1e-6)
+    assert "official checkpoint official_finetuned.pth" in off["weights"]
 
 
 def test_cli_eval_only_and_default_preset(setup, tmp_path):

@@ -358,20 +358,15 @@ def _mae_debug() -> RunConfig:
         model=ModelConfig(name="mae_vit_tiny_patch4_dec64d2b_debug", mask_ratio=0.75),
         data=DataConfig(root="builtin", img_size=32, num_threads=1),
         optim=OptimConfig(blr=0.04, warmup_epochs=0.25, min_lr=1e-5, weight_decay=0.05),
-        train=TrainConfig(
-            epochs=45,
-            batch_size=32,
-            precision="fp32",
-            out_dir="runs/mae_debug",
-            ckpt_every=124,
-            keep_last=2,
-            log_every=31,
-            tensorboard=False,
-            num_threads=1,
-            deterministic=True,
-        ),
+        train=_cpu_train("runs/mae_debug", 45),
         preset="mae_debug",
     )
+
+
+def _cpu_train(out_dir: str, epochs: int, *, ckpt_every: int = 124) -> TrainConfig:
+    """The debug presets' run section: batch 32 in fp32 on one CPU thread, deterministic (bit-exact resume)."""
+    return TrainConfig(epochs=epochs, batch_size=32, precision="fp32", out_dir=out_dir, ckpt_every=ckpt_every,
+                       keep_last=2, log_every=31, tensorboard=False, num_threads=1, deterministic=True)  # fmt: skip
 
 
 def _tokenizer_debug(name: str, quantizer: str, epochs: int, **loss) -> RunConfig:
@@ -387,18 +382,7 @@ def _tokenizer_debug(name: str, quantizer: str, epochs: int, **loss) -> RunConfi
         ),
         data=DataConfig(root="builtin", img_size=32, num_threads=1),
         optim=OptimConfig(blr=0.04, betas=(0.5, 0.9), weight_decay=0.0, warmup_epochs=0.5, min_lr=1e-4),
-        train=TrainConfig(
-            epochs=epochs,
-            batch_size=32,
-            precision="fp32",
-            out_dir=f"runs/{name}",
-            ckpt_every=4 * 62,
-            keep_last=2,
-            log_every=31,
-            tensorboard=False,
-            num_threads=1,
-            deterministic=True,
-        ),
+        train=_cpu_train(f"runs/{name}", epochs, ckpt_every=4 * 62),
         preset=name,
     )
 
@@ -461,18 +445,7 @@ def _token_debug(name: str, model: str, epochs: int) -> RunConfig:
         model=ModelConfig(name=model, overrides={"drop_path_rate": 0.0}, loss={"tokenizer": "runs/regvq_debug"}),
         data=DataConfig(root="builtin", img_size=32, tokenizer_size=32, num_threads=1),
         optim=OptimConfig(lr=2e-3, betas=(0.9, 0.98), weight_decay=0.05, warmup_epochs=0.5, min_lr=1e-5, clip_grad=3.0),
-        train=TrainConfig(
-            epochs=epochs,
-            batch_size=32,
-            precision="fp32",
-            out_dir=f"runs/{name}",
-            ckpt_every=124,
-            keep_last=2,
-            log_every=31,
-            tensorboard=False,
-            num_threads=1,
-            deterministic=True,
-        ),
+        train=_cpu_train(f"runs/{name}", epochs),
         preset=name,
     )
 
@@ -613,18 +586,7 @@ def _finetune_debug(name: str, pretrained: str, *, epochs: int = 10, overrides: 
         ),
         data=DataConfig(root="builtin", img_size=32, scale=(0.2, 1.0), num_threads=1, **_augment_fields(False, 0.0)),
         optim=OptimConfig(blr=0.02, betas=(0.9, 0.999), weight_decay=0.05, warmup_epochs=1.0, min_lr=1e-5),
-        train=TrainConfig(
-            epochs=epochs,
-            batch_size=32,
-            precision="fp32",
-            out_dir=f"runs/{name}",
-            ckpt_every=124,
-            keep_last=2,
-            log_every=31,
-            tensorboard=False,
-            num_threads=1,
-            deterministic=True,
-        ),
+        train=_cpu_train(f"runs/{name}", epochs),
         preset=name,
     )
 
