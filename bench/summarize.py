@@ -4,7 +4,8 @@
 
 One markdown table per benchmark group (median time and the figures each suite puts in ``extra_info``: img/s, MFU,
 TB/s, TFLOP/s, floor ratio), then issue 4's check: the DALI train loader's img/s against the MAE step's img/s on the
-same machine (the loader must not be the bottleneck). Reads only what the JSON holds; nothing is computed twice.
+same machine (the loader must not be the bottleneck), and issue 16's: the fine-tuning launcher fed by DALI against the
+fine-tuning step alone. Reads only what the JSON holds; nothing is computed twice.
 """
 
 from __future__ import annotations
@@ -108,6 +109,32 @@ def loader_vs_step(records: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
+def finetune_launcher_vs_step(records: list[dict]) -> str | None:
+    """Issue 16: the fine-tuning launcher fed by DALI (RandAugment + erasing on the GPU) against the fine-tuning step
+    alone on the GPU, same model and batch (None if either is missing). Within 5% = the loader keeps up."""
+    runs = [r for r in records if r.get("extra_info", {}).get("provider", "").startswith("mimfast launcher")]
+    steps = [r for r in records if "finetune_step" in (r.get("group") or "")
+             and r.get("extra_info", {}).get("device") == "cuda" and r["extra_info"].get("img_per_s")]  # fmt: skip
+    if not runs or not steps:
+        return None
+    fastest = max(steps, key=lambda r: r["extra_info"]["img_per_s"])
+    step_ips = fastest["extra_info"]["img_per_s"]
+    lines = [
+        "### issue 16: fine-tuning launcher + DALI vs the fine-tuning step (GPU)\n",
+        f"fastest fine-tuning step: {fastest['extra_info']['provider']} on {fastest['extra_info']['model']}, batch "
+        f"{fastest['extra_info']['batch']}: {step_ips:,.0f} img/s\n",
+        "| run | img/s (steps 11-40) | / step img/s | loader keeps up |",
+        "|---|---|---|---|",
+    ]
+    for r in runs:
+        i = r["extra_info"]
+        keeps_up = i["img_per_s"] >= 0.95 * step_ips
+        ok = "yes" if keeps_up else "NO: the input pipeline (or the launcher) is the bottleneck"
+        lines.append(f"| {i['provider']} ({i.get('num_threads', '?')} threads) | {i['img_per_s']:,.0f} | "
+                     f"{i['img_per_s'] / step_ips:.2f}x | {ok} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", nargs="+", help="pytest-benchmark JSON files (--benchmark-json output)")
@@ -121,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     print(tables(records))
     verdict = loader_vs_step(records)
     print(verdict if verdict else "(no GPU loader and GPU MAE-step records together: issue 4's comparison needs both)")
+    ft = finetune_launcher_vs_step(records)
+    if ft:
+        print(ft)
     return 0
 
 

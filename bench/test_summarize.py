@@ -51,3 +51,20 @@ def test_cpu_only_or_broken_input_is_reported(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "issue 4's comparison needs both" in captured.out and "bad.json: not a pytest-benchmark JSON" in captured.err
     assert summarize.main([str(bad)]) == 1
+
+
+def test_finetune_launcher_vs_step(tmp_path, capsys):
+    step = "finetune_step vit_base_patch16_224_cls cuda B=256"
+    run = "finetune launcher vit_b16 cuda B=256 (DALI, RandAugment + erasing)"
+    a = _write(tmp_path, "ft.json", [
+        _rec(step, 0.1, provider="mimfast", model="vit_b", batch=256, device="cuda", img_per_s=2560.0),
+        _rec(run, 9.0, provider="mimfast launcher + DALI", device="cuda", batch=256, num_threads=16, img_per_s=2500.0),
+    ])  # fmt: skip
+    b = _write(tmp_path, "slow.json", [
+        _rec(run, 9.0, provider="mimfast launcher + DALI", device="cuda", batch=256, num_threads=4, img_per_s=1200.0),
+    ])  # fmt: skip
+    assert summarize.main([a, b]) == 0
+    out = capsys.readouterr().out
+    assert "fastest fine-tuning step: mimfast on vit_b, batch 256: 2,560 img/s" in out
+    assert "| mimfast launcher + DALI (16 threads) | 2,500 | 0.98x | yes |" in out
+    assert "| mimfast launcher + DALI (4 threads) | 1,200 | 0.47x | NO: " in out
