@@ -346,3 +346,27 @@ def test_two_process_ddp_and_fsdp2_evaluate_on_every_rank(setup, tmp_path):
         assert "ema_top1" in r0["evals"][-1] if mode == "ddp" else "ema_top1" not in r0["evals"][-1]
         log0, log1 = ((tmp_path / f"stdout_{mode}{r}.txt").read_text() for r in range(2))
         assert log0.count("eval  step") == 2 and "eval" not in log1
+
+
+def test_official_recipe_presets():
+    """The issue's MAE ViT-B recipe and the other papers' settings, as the presets give them."""
+    from mimfast.train import scaled_lr
+
+    c = get_config("mae_finetune_vit_base")
+    lo = c.model.loss
+    assert (c.train.epochs, c.optim.warmup_epochs, c.train.global_batch_size, c.optim.blr) == (100, 5.0, 1024, 5e-4)
+    assert scaled_lr(c.optim, 1024) == pytest.approx(2e-3)
+    assert (lo["layer_decay"], lo["mixup"], lo["cutmix"], lo["smoothing"]) == (0.65, 0.8, 1.0, 0.1)
+    assert c.model.overrides["drop_path_rate"] == 0.1
+    assert (c.data.rand_n, c.data.rand_m, c.data.rand_mstd) == (2, 9, 0.5)
+    assert c.data.reprob == 0.25 and c.data.scale == (0.08, 1.0) and c.optim.betas == (0.9, 0.999)
+    for name, ld, dp, ep in (("mae_finetune_vit_large", 0.75, 0.2, 50), ("mae_finetune_vit_huge", 0.75, 0.3, 50)):
+        c = get_config(name)
+        assert (c.model.loss["layer_decay"], c.model.overrides["drop_path_rate"], c.train.epochs) == (ld, dp, ep)
+        assert c.optim.blr == 1e-3
+    c = get_config("beit_finetune_vit_base")
+    assert (c.optim.lr, c.optim.warmup_epochs, c.model.overrides["init_values"]) == (4e-3, 20.0, 0.1)
+    c = get_config("cae_finetune_vit_base")
+    assert (c.optim.lr, c.train.global_batch_size, c.model.overrides["pos_embed"]) == (8e-3, 4096, "fixed")
+    c = get_config("mage_finetune_vit_base")
+    assert (c.optim.blr, c.data.img_size, c.data.reprob, c.model.overrides["input"]) == (2.5e-4, 256, 0.0, "tokens")
