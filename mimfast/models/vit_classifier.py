@@ -438,11 +438,7 @@ class ViTClassifier(nn.Module):
         Returns:
             the dropped checkpoint keys (official names), grouped as ``"vqgan.*"``.
         """
-        sd = state_dict
-        for wrapper in ("model", "state_dict", "module"):
-            if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-                sd = sd[wrapper]
-                break
+        sd = unwrap_state_dict(state_dict)
         if not isinstance(sd, dict):
             raise TypeError(f"state_dict: expected a dict of tensors (or {{'model': ...}}), got {type(sd).__name__}")
         sd = {re.sub(r"^module\.", "", k): v for k, v in sd.items()}
@@ -538,6 +534,14 @@ def _group(keys: list[str], all_keys: list[str]) -> list[str]:
         else:
             out.add(re.sub(r"\.\d+\.", ".*.", k))
     return sorted(out)
+
+
+def unwrap_state_dict(sd):
+    """The state dict inside a ``{"model" | "state_dict" | "module": sd}`` checkpoint wrapper (else ``sd`` itself)."""
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            return sd[wrapper]
+    return sd
 
 
 # ------------------------------------------------------------------------------------------ conversion

@@ -140,7 +140,11 @@ def load_into_classifier(classifier: nn.Module, source: str, *, require_head: bo
     except Exception as e:
         raise ValueError(f"{key}: neither a mimfast checkpoint nor a loadable state dict ({type(e).__name__}: "
                          f"{e})") from None  # fmt: skip
-    head = next((v for k, v in _unwrap_state(sd).items() if k.endswith("head.weight") and hasattr(v, "shape")), None)
+    from ...models.vit_classifier import unwrap_state_dict
+
+    inner = unwrap_state_dict(sd)
+    items = inner.items() if isinstance(inner, dict) else ()
+    head = next((v for k, v in items if k.endswith("head.weight") and hasattr(v, "shape")), None)
     n = classifier.config.num_classes
     if require_head and (head is None or head.shape[0] != n):
         got = "no head" if head is None else f"a head.weight of shape {tuple(head.shape)} ({head.shape[0]} classes)"
@@ -153,13 +157,6 @@ def load_into_classifier(classifier: nn.Module, source: str, *, require_head: bo
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{key}: as an official checkpoint: {e}") from None
     return f"official checkpoint {p.name}" + (f"; not used: {', '.join(dropped[:6])}" if dropped else "")
-
-
-def _unwrap_state(sd) -> dict:
-    for wrapper in ("model", "state_dict", "module"):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-            return sd[wrapper]
-    return sd if isinstance(sd, dict) else {}
 
 
 # --------------------------------------------------------------------------------------------- the task
